@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Write a tiny SDXL-architecture model in exactly the layout of the real weights.
+
+    python script/tiny_weights.py DIR
+
+Everything is random from fixed seeds, built in code, with no network: a three-block SDXL UNet (same block
+types, layers per block and text-time conditioning as SDXL, far fewer channels), a tiny 8x VAE, two CLIP text
+encoders with a tokenizer built from a small generated vocabulary, and a tiny safety checker that flags nothing.
+Tests and offline demos run the predictor on it; the arithmetic is real, only the sizes are small.
+
+Layout (the same as script/download_weights writes for the real weights):
+
+    DIR/illustrious-xl/      diffusers SDXL pipeline folder without vae/ (unet, text encoders, tokenizers, scheduler)
+    DIR/sdxl-base/           the same for standard SDXL base 1.0
+    DIR/sdxl-vae-fp16-fix/   AutoencoderKL shared by both models
+    DIR/safety-checker/      StableDiffusionSafetyChecker with its preprocessor_config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402  (the layout is defined once, in utils.py)
+
+# A small word list so that typical test prompts tokenise into whole words; anything else falls back to
+# single characters, exactly as CLIP's byte-level BPE does with an unknown word.
+WORDS = (
+    "a an the of and with in on at by cat dog girl boy 1girl 1boy solo hat red blue green white black "
+    "hair eyes smile masterpiece best quality amazing very aesthetic absurdres highres lowres worst bad "
+    "anatomy hands text watermark photo portrait landscape sky night day city forest anime style tok"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table (a public, well-known mapping)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> int:
+    """A CLIP BPE tokenizer with every byte, every byte at a word end, and merges for WORDS. Returns vocab size."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    for s in symbols:
+        vocab.setdefault(s + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            rule = f"{pieces[0]} {pieces[1]}"
+            if rule not in merges:
+                merges.append(rule)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return len(vocab)
+
+
+def _with_text_model_prefix(model_file: Path) -> None:
+    """Real SDXL text-encoder files name their tensors `text_model.*`; newer transformers saves them without it."""
+    tensors = load_file(str(model_file))
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+            key = "text_model." + key
+        renamed[key] = value
+    save_file(renamed, str(model_file), metadata={"format": "pt"})
+
+
+def build_pipeline_folder(folder: Path, seed: int) -> None:
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab_size = write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    write_tokenizer(folder / "tokenizer_2", pad_token="!")
+    bos, eos = vocab_size - 2, vocab_size - 1
+
+    text_kwargs = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **text_kwargs))
+    te1.save_pretrained(folder / "text_encoder")
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **text_kwargs))
+    te2.save_pretrained(folder / "text_encoder_2")
+    for sub in ("text_encoder", "text_encoder_2"):
+        _with_text_model_prefix(folder / sub / "model.safetensors")
+
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 2, 4),
+        cross_attention_dim=64,  # text_encoder hidden 32 + text_encoder_2 hidden 32, as 768 + 1280 in SDXL
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + the pooled text embedding
+    )
+    # Random init leaves some output projections at zero; small noise everywhere makes every layer matter,
+    # so that a LoRA on any layer visibly changes the image.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    unet.save_pretrained(folder / "unet")
+
+    EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    ).save_pretrained(folder / "scheduler")
+
+    model_index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
+def build_vae(folder: Path, seed: int) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=False,  # as the fp16-fix VAE's own config says
+    )
+    vae.save_pretrained(folder)
+
+
+def build_safety_checker(folder: Path, seed: int) -> None:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+        # A cosine similarity never exceeds 1, so thresholds of 1 flag nothing; tests lower them to flag all.
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights.fill_(1.0)
+    checker.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def write_tiny_weights(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for offset, name in enumerate(MODEL_DIRS.values()):
+        build_pipeline_folder(root / name, seed=100 * (offset + 1))
+    build_vae(root / VAE_DIR, seed=7)
+    build_safety_checker(root / SAFETY_DIR, seed=11)
+    (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", type=Path, help="folder to write (the predictor's WEIGHTS_DIR)")
+    args = parser.parse_args()
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    write_tiny_weights(args.dir)
+    print(f"tiny SDXL weights written to {args.dir}")
+
+
+if __name__ == "__main__":
+    main()
