@@ -1,7 +1,293 @@
-"""Model side of the predictor: model specs, loading, sizes, generation, image saving."""
+"""Model side of the predictor: model specs, loading, sizes, schedulers, safety checking and image saving.
+
+Everything here is plain functions and data tables that tests call without Cog. LoRA formats and merging live
+in lora.py and prompt parsing/encoding in prompts.py (see the README's architecture section for why).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the layout constants import in milliseconds
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# --- On-disk layout of WEIGHTS_DIR (script/download_weights and script/tiny_weights.py both write it) ---------
 MODEL_DIRS = {"illustrious": "illustrious-xl", "sdxl": "sdxl-base"}
 VAE_DIR = "sdxl-vae-fp16-fix"
 SAFETY_DIR = "safety-checker"
+
+
+# --- Model presets, as data ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    folder: str
+    title: str  # as written into image metadata ("Model: ...")
+    guidance: float
+    scheduler: str
+    negative_prompt: str
+    quality_tags: str
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "illustrious": ModelSpec(
+        key="illustrious",
+        folder=MODEL_DIRS["illustrious"],
+        title="Illustrious-XL-v0.1",
+        guidance=6.0,
+        scheduler="Euler a",
+        negative_prompt="lowres, worst quality, low quality, bad anatomy, bad hands, jpeg artifacts, signature, "
+        "watermark, username, blurry",
+        quality_tags="masterpiece, best quality, amazing quality, very aesthetic, absurdres",
+    ),
+    "sdxl": ModelSpec(
+        key="sdxl",
+        folder=MODEL_DIRS["sdxl"],
+        title="stable-diffusion-xl-base-1.0",
+        guidance=7.0,
+        scheduler="DPM++ 2M Karras",
+        negative_prompt="",
+        quality_tags="high quality, detailed, sharp focus",
+    ),
+}
+
+
+def model_spec(use_standard_sdxl: bool) -> ModelSpec:
+    return MODEL_SPECS["sdxl" if use_standard_sdxl else "illustrious"]
+
+
+# --- Sizes --------------------------------------------------------------------------------------------------------
+# flux-dev-lora's aspect ratios; every 1 MP entry is a standard SDXL training bucket (multiples of 64).
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
+    "9:21": (640, 1536),
+}
+MEGAPIXELS = {"1": 1.0, "0.25": 0.25}
+MIN_SIDE, MAX_SIDE = 256, 2048
+MAX_INPUT_PIXELS = 4096 * 4096  # larger inputs are refused before decoding (a 20000x20000 PNG is 1.2 GB of RGB)
+
+
+class InputError(ValueError):
+    """A user input that cannot be used; the message names the input, what was expected and what came."""
+
+
+def preset_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
+    width, height = ASPECT_RATIOS[aspect_ratio]
+    if MEGAPIXELS[megapixels] == 0.25:
+        return width // 2, height // 2  # halves stay multiples of 8 for every preset
+    return width, height
+
+
+def size_for_image(image_size: tuple[int, int], megapixels: str) -> tuple[int, int]:
+    """Output size for img2img/inpainting: the input's aspect ratio at the requested area.
+
+    Sides are multiples of 32 so the latent divides evenly through the UNet's two downsamplings.
+    """
+    w, h = image_size
+    target = MEGAPIXELS[megapixels] * 1024 * 1024
+    scale = math.sqrt(target / (w * h))
+    width = min(MAX_SIDE, max(MIN_SIDE, int(round(w * scale / 32)) * 32))
+    height = min(MAX_SIDE, max(MIN_SIDE, int(round(h * scale / 32)) * 32))
+    return width, height
+
+
+def check_custom_size(width: int | None, height: int | None) -> tuple[int, int]:
+    for name, value in (("width", width), ("height", height)):
+        if value is None:
+            raise InputError(f'{name}: required when aspect_ratio is "custom", got nothing')
+        if value % 8 or not MIN_SIDE <= value <= MAX_SIDE:
+            raise InputError(f"{name}: expected a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {value}")
+    return width, height
+
+
+# --- Input images -------------------------------------------------------------------------------------------------
+def open_image(path: str | os.PathLike, input_name: str) -> Image.Image:
+    """Open a user image lazily and refuse non-images and oversized ones before decoding the pixels."""
+    try:
+        image = Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"{input_name}: expected a PNG, JPEG or WebP image, got a file that is not one") from err
+    w, h = image.size
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(f"{input_name}: expected at most {MAX_INPUT_PIXELS} pixels (4096x4096), got {w}x{h}")
+    return image
+
+
+def load_rgb(image: Image.Image, size: tuple[int, int], input_name: str) -> Image.Image:
+    try:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise InputError(f"{input_name}: the image could not be decoded ({type(err).__name__})") from err
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def load_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Inpainting mask: white is repainted, black is kept (diffusers' and Replicate SDXL's convention)."""
+    try:
+        mask = ImageOps.exif_transpose(image).convert("L")
+    except (OSError, ValueError) as err:
+        raise InputError(f"mask: the image could not be decoded ({type(err).__name__})") from err
+    return mask.resize(size, Image.Resampling.NEAREST)
+
+
+# --- Schedulers (A1111 names -> diffusers class and overrides), as data --------------------------------------------
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM++ SDE Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 3M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True},
+    ),
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config):
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+
+
+# --- Device and loading -------------------------------------------------------------------------------------------
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA, then MPS, then CPU, each with the dtype it runs fastest without changing the image materially."""
+    import torch
+
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+class WeightsMissingError(RuntimeError):
+    pass
+
+
+def check_weights_dir(weights_dir: Path) -> None:
+    required = [weights_dir / d / "model_index.json" for d in MODEL_DIRS.values()]
+    required += [weights_dir / VAE_DIR / "config.json", weights_dir / SAFETY_DIR / "config.json"]
+    missing = [str(p.relative_to(weights_dir)) for p in required if not p.exists()]
+    if missing:
+        raise WeightsMissingError(
+            f"weights not found in {weights_dir} (missing: {', '.join(missing)}). Run `script/download_weights` "
+            "to fetch the real weights before `cog build`, or `python script/tiny_weights.py DIR` and "
+            "WEIGHTS_DIR=DIR for the tiny offline test model."
+        )
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    txt2img: object  # StableDiffusionXLPipeline
+    img2img: object
+    inpaint: object
+
+    def pipeline(self, mode: str):
+        return {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
+
+
+@dataclass
+class Models:
+    device: torch.device
+    dtype: torch.dtype
+    models: dict[str, LoadedModel]
+    safety_checker: object
+    feature_extractor: object
+
+
+def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> Models:
+    """Load both base models once; the VAE and the safety checker are shared, img2img/inpaint share modules."""
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    check_weights_dir(weights_dir)
+    start = time.perf_counter()
+    vae = AutoencoderKL.from_pretrained(weights_dir / VAE_DIR, torch_dtype=dtype).to(device)
+    models = {}
+    for key, spec in MODEL_SPECS.items():
+        txt2img = StableDiffusionXLPipeline.from_pretrained(
+            weights_dir / spec.folder, vae=vae, torch_dtype=dtype, add_watermarker=False
+        ).to(device)
+        txt2img.set_progress_bar_config(disable=True)
+        img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(txt2img, add_watermarker=False)
+        inpaint = StableDiffusionXLInpaintPipeline.from_pipe(txt2img, add_watermarker=False)
+        for pipe in (img2img, inpaint):
+            pipe.set_progress_bar_config(disable=True)
+        models[key] = LoadedModel(spec=spec, txt2img=txt2img, img2img=img2img, inpaint=inpaint)
+    checker = StableDiffusionSafetyChecker.from_pretrained(weights_dir / SAFETY_DIR, torch_dtype=dtype).to(device)
+    extractor = CLIPImageProcessor.from_pretrained(weights_dir / SAFETY_DIR)
+    logger.info("loaded models from %s on %s/%s in %.2fs", weights_dir, device, dtype, time.perf_counter() - start)
+    return Models(device=device, dtype=dtype, models=models, safety_checker=checker, feature_extractor=extractor)
+
+
+# --- Safety checker -----------------------------------------------------------------------------------------------
+def nsfw_flags(models: Models, images: list[Image.Image]) -> list[bool]:
+    import numpy as np
+
+    clip_input = models.feature_extractor(images, return_tensors="pt").pixel_values
+    clip_input = clip_input.to(models.device, models.dtype)
+    arrays = [np.asarray(image) for image in images]
+    _, flags = models.safety_checker(images=arrays, clip_input=clip_input)
+    return [bool(flag) for flag in flags]
+
+
+def drop_flagged(images: list[Image.Image], flags: list[bool]) -> list[Image.Image]:
+    """Flagged images are removed, never returned as they are; an empty result is the caller's error to raise."""
+    return [image for image, flagged in zip(images, flags) if not flagged]
+
+
+# --- Output files -------------------------------------------------------------------------------------------------
+OUTPUT_FORMATS = {"webp": ("WEBP", "webp"), "jpg": ("JPEG", "jpg"), "png": ("PNG", "png")}
+
+
+def save_images(images: list[Image.Image], out_dir: Path, output_format: str, quality: int) -> list[Path]:
+    """Write out-{i}.{ext}; each file is written under a temporary name and renamed, so none is ever partial."""
+    pil_format, ext = OUTPUT_FORMATS[output_format]
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"out-{i}.{ext}"
+        tmp = out_dir / f".out-{i}.{ext}.partial"
+        kwargs = {} if pil_format == "PNG" else {"quality": quality}
+        image.save(tmp, format=pil_format, **kwargs)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _tiny_weights_dir() -> Path:
     """Build (or reuse) the tiny weights; keyed by the generator's source so a change rebuilds them."""
     script = REPO / "script" / "tiny_weights.py"
-    digest = hashlib.sha256(script.read_bytes() + (REPO / "utils.py").read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
     target = REPO / ".cache" / f"tiny-weights-{digest}"
     if (target / "TINY").exists():
         return target
@@ -39,3 +39,79 @@ def _tiny_weights_dir() -> Path:
 def tiny_weights() -> Path:
     """WEIGHTS_DIR with tiny random SDXL-architecture models in the real layout (read-only for tests)."""
     return _tiny_weights_dir()
+
+
+@pytest.fixture(scope="session")
+def flag_all_weights(tiny_weights: Path, tmp_path_factory) -> Path:
+    """The tiny weights with a safety checker whose thresholds flag every image."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("flag-all-weights")
+    for entry in tiny_weights.iterdir():
+        (root / entry.name).symlink_to(entry)
+    checker_dir = root / "safety-checker"
+    checker_dir.unlink()
+    shutil.copytree(tiny_weights / "safety-checker", checker_dir)
+    weights_file = checker_dir / "model.safetensors"
+    tensors = load_file(str(weights_file))
+    tensors["concept_embeds_weights"] = tensors["concept_embeds_weights"] * 0 - 2.0  # cosine > -2 always
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    return root
+
+
+def _server(weights_dir: Path, tmp_path_factory, name: str):
+    from cog_server import CogServer, write_schema
+
+    write_schema()
+    server = CogServer(weights_dir, tmp_path_factory.mktemp(name) / "server.log")
+    try:
+        health = server.wait_ready()
+        assert health["status"] == "READY", health
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cog_server(tiny_weights: Path, tmp_path_factory):
+    """The real Cog server with the tiny model, shared by the interface tests."""
+    yield from _server(tiny_weights, tmp_path_factory, "cog-server")
+
+
+@pytest.fixture(scope="session")
+def flag_all_server(flag_all_weights: Path, tmp_path_factory):
+    yield from _server(flag_all_weights, tmp_path_factory, "flag-all-server")
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_weights: Path):
+    """An in-process Predictor on the tiny model (setup() run once)."""
+    import predict
+
+    old = os.environ.get("WEIGHTS_DIR")
+    os.environ["WEIGHTS_DIR"] = str(tiny_weights)
+    try:
+        instance = predict.Predictor()
+        instance.setup()
+    finally:
+        if old is None:
+            os.environ.pop("WEIGHTS_DIR", None)
+        else:
+            os.environ["WEIGHTS_DIR"] = old
+    return instance
+
+
+def predict_inputs(**overrides) -> dict:
+    """Every predict() argument at its declared default, with overrides: calling predict() in-process without
+    Cog would otherwise pass Input(...) FieldInfo objects for omitted arguments."""
+    import inspect
+
+    import predict
+
+    values = {}
+    for name, param in inspect.signature(predict.Predictor.predict).parameters.items():
+        if name == "self":
+            continue
+        values[name] = getattr(param.default, "default", param.default)
+    values.update(overrides)
+    return values

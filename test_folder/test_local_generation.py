@@ -1,0 +1,119 @@
+"""Generation in-process on the tiny model: stock-diffusers equality, sizes, seeds, defaults and model switching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+import utils
+from conftest import predict_inputs
+
+SMALL = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=3, output_format="png")
+
+
+def run(predictor, **overrides) -> list[np.ndarray]:
+    paths = predictor.predict(**predict_inputs(**{**SMALL, **overrides}))
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_no_lora_image_equals_stock_diffusers(predictor, tiny_weights):
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    (ours,) = run(predictor, prompt="1girl, red hat", negative_prompt="lowres", seed=7)
+    vae = AutoencoderKL.from_pretrained(tiny_weights / utils.VAE_DIR)
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_weights / "illustrious-xl", vae=vae)
+    stock.scheduler = EulerAncestralDiscreteScheduler.from_config(stock.scheduler.config)
+    stock.set_progress_bar_config(disable=True)
+    image = stock(
+        "1girl, red hat", negative_prompt="lowres", guidance_scale=6.0, num_inference_steps=3, width=256,
+        height=256, generator=[torch.Generator("cpu").manual_seed(7)],
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(image))
+
+
+def test_image_i_uses_seed_plus_i(predictor):
+    batch = run(predictor, prompt="a cat", seed=100, num_outputs=2)
+    single = run(predictor, prompt="a cat", seed=101)[0]
+    # Batched and single convolutions may round differently on CPU; the images must still be the same picture.
+    assert np.abs(batch[1].astype(int) - single.astype(int)).max() <= 2
+    assert np.abs(batch[0].astype(int) - single.astype(int)).mean() > 5
+
+
+def test_seed_zero_is_a_real_seed(predictor):
+    assert np.array_equal(run(predictor, prompt="a cat", seed=0)[0], run(predictor, prompt="a cat", seed=0)[0])
+
+
+@pytest.mark.parametrize("ratio", ["1:1", "16:9", "9:21"])
+def test_aspect_ratio_presets_give_sdxl_bucket_sizes(predictor, ratio):
+    paths = predictor.predict(**predict_inputs(prompt="a cat", aspect_ratio=ratio, megapixels="0.25",
+                                               num_inference_steps=1, seed=1))
+    width, height = utils.ASPECT_RATIOS[ratio]
+    assert Image.open(paths[0]).size == (width // 2, height // 2)
+
+
+def test_one_megapixel_preset_is_the_bucket_size(predictor):
+    paths = predictor.predict(**predict_inputs(prompt="a cat", aspect_ratio="3:2", num_inference_steps=1, seed=1))
+    assert Image.open(paths[0]).size == (1216, 832)
+
+
+def test_guidance_left_blank_uses_each_models_default(predictor):
+    assert np.array_equal(run(predictor, prompt="a cat", seed=3), run(predictor, prompt="a cat", seed=3, guidance=6.0))
+    sdxl_blank = run(predictor, prompt="a cat", seed=3, use_standard_sdxl=True)
+    assert np.array_equal(sdxl_blank, run(predictor, prompt="a cat", seed=3, use_standard_sdxl=True, guidance=7.0))
+    assert not np.array_equal(sdxl_blank, run(predictor, prompt="a cat", seed=3, use_standard_sdxl=True, guidance=6.0))
+
+
+def test_use_standard_sdxl_switches_model_and_back(predictor):
+    illustrious = run(predictor, prompt="a cat", seed=9, guidance=5.0)
+    sdxl = run(predictor, prompt="a cat", seed=9, guidance=5.0, use_standard_sdxl=True)
+    assert not np.array_equal(illustrious, sdxl)
+    assert np.array_equal(illustrious, run(predictor, prompt="a cat", seed=9, guidance=5.0))
+
+
+def test_default_scheduler_is_the_models_preset(predictor):
+    default = run(predictor, prompt="a cat", seed=5)
+    assert np.array_equal(default, run(predictor, prompt="a cat", seed=5, scheduler="Euler a"))
+    assert not np.array_equal(default, run(predictor, prompt="a cat", seed=5, scheduler="Euler"))
+
+
+@pytest.mark.parametrize("name", [n for n in predict.SCHEDULER_CHOICES if n != "default"])
+def test_every_scheduler_runs(predictor, name):
+    (image,) = run(predictor, prompt="a cat", seed=1, scheduler=name, num_inference_steps=3)
+    assert image.shape == (256, 256, 3) and image.std() > 0
+
+
+def test_default_negative_prompt_is_the_presets(predictor):
+    default = run(predictor, prompt="a cat", seed=11)
+    explicit = run(predictor, prompt="a cat", seed=11, negative_prompt=utils.MODEL_SPECS["illustrious"].negative_prompt)
+    empty = run(predictor, prompt="a cat", seed=11, negative_prompt="")
+    assert np.array_equal(default, explicit)
+    assert not np.array_equal(default, empty)
+
+
+def test_each_prediction_writes_a_fresh_folder(predictor):
+    first = predictor.predict(**predict_inputs(prompt="a cat", seed=1, **SMALL))
+    second = predictor.predict(**predict_inputs(prompt="a cat", seed=1, **SMALL))
+    assert first[0].parent != second[0].parent
+    assert first[0].name == second[0].name == "out-0.png"
+    assert first[0].exists() and second[0].exists()
+
+
+def test_setup_without_weights_names_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "missing"))
+    with pytest.raises(utils.WeightsMissingError, match="script/download_weights"):
+        predict.Predictor().setup()
+
+
+def test_cpu_device_runs_in_float32():
+    device, dtype = utils.pick_device()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert (device.type, dtype) == ("cpu", torch.float32)
+
+
+def test_drop_flagged_keeps_only_clean_images():
+    images = [Image.new("RGB", (8, 8), c) for c in ((1, 1, 1), (2, 2, 2), (3, 3, 3))]
+    assert utils.drop_flagged(images, [False, True, False]) == [images[0], images[2]]

@@ -1,0 +1,392 @@
+"""CivitAI, Replicate, plain URL and data: references; HTTP behaviour (retries, resume, redirects, caps); pget;
+and the no-secrets-anywhere guarantee."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+
+import pytest
+
+import weights
+from fakes import (Response, civitai, files, hf_hub, make_lora, make_trainer_tar, replicate, sha256,  # noqa: F401
+                   weights_env, write_fake_pget)
+from weights import (AuthRequiredError, ChecksumError, IncompatibleError, InvalidReferenceError, LoraCache, NetworkError,
+                     NotFoundError, Tokens, TooLargeError, WeightsError, parse_lora_ref)
+
+LORA = make_lora(1)
+
+
+def fetch(text: str, tokens: Tokens | None = None, cache: LoraCache | None = None, input_name: str = "lora_weights"):
+    cache = cache or LoraCache.from_env()
+    return cache.fetch(parse_lora_ref(text, input_name=input_name), tokens or Tokens(), input_name=input_name)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize("text, source, cid", [
+    ("civitai.com/models/123", "civitai", "civitai-model:123"),
+    ("https://civitai.com/models/123/some-slug", "civitai", "civitai-model:123"),
+    ("https://civitai.com/models/123/some-slug?modelVersionId=456", "civitai", "civitai:456"),
+    ("https://civitai.red/models/123?modelVersionId=456", "civitai", "civitai:456"),
+    ("https://civitai.com/api/download/models/456?type=Model&format=SafeTensor", "civitai", "civitai:456"),
+    ("urn:air:sdxl:lora:civitai:123@456", "civitai", "civitai:456"),
+    ("air:illustrious:lora:civitai:123@456", "civitai", "civitai:456"),
+    ("sdxl:lora:civitai:123", "civitai", "civitai-model:123"),
+    ("owner/model", "replicate", "replicate:owner/model"),
+    ("owner/model:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa", "replicate",
+     "replicate:owner/model:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"),
+    ("owner/model/versions/abc123", "replicate", "replicate:owner/model:abc123"),
+    ("https://replicate.com/owner/model", "replicate", "replicate:owner/model"),
+    ("https://replicate.com/owner/model/versions/abc123", "replicate", "replicate:owner/model:abc123"),
+])
+def test_parse_forms(text, source, cid):
+    ref = parse_lora_ref(text)
+    assert (ref.source, ref.canonical_id) == (source, cid)
+
+
+def test_parse_delivery_tar():
+    ref = parse_lora_ref("https://replicate.delivery/pbxt/abc/trained_model.tar")
+    assert ref.source == "replicate" and ref.is_tar and ref.canonical_id.startswith("replicate-delivery:")
+
+
+def test_parse_url_drops_signed_query_from_key_and_display():
+    a = parse_lora_ref("https://cdn.example.com/x/lora.safetensors?X-Amz-Signature=AAA&X-Amz-Credential=k")
+    b = parse_lora_ref("https://user:pw@CDN.example.com/x/lora.safetensors?X-Amz-Signature=BBB")
+    assert a.source == "url" and a.canonical_id == b.canonical_id and a.canonical_id.startswith("url:")
+    assert "Signature" not in a.display and "AAA" not in repr(a) and "pw" not in b.display
+
+
+def test_parse_data_url():
+    text = "data:application/octet-stream;base64," + base64.b64encode(LORA).decode()
+    ref = parse_lora_ref(text)
+    assert ref.source == "data" and ref.canonical_id == f"data:{sha256(LORA)}" and len(ref.display) < 80
+
+
+@pytest.mark.parametrize("text", ["", "   ", "ftp://x/y.safetensors", "just-a-word", "owner/repo/file.safetensors",
+                                  "urn:air:sd1:lora:civitai:1@2", "urn:air:sdxl:checkpoint:civitai:1@2",
+                                  "https://civitai.com/models/1?modelVersionId=abc"])
+def test_parse_rejects(text):
+    with pytest.raises(InvalidReferenceError) as e:
+        parse_lora_ref(text, input_name="extra_lora")
+    assert "extra_lora" in str(e.value) and "expected" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ CivitAI
+def test_civitai_version_with_trigger_words(civitai):
+    civitai.add_version(10, 100, LORA, base_model="Illustrious", trained_words=("tok style", " "))
+    lf = fetch("https://civitai.com/models/10?modelVersionId=100")
+    assert lf.path.read_bytes() == LORA and lf.base_model == "Illustrious" and lf.trigger_words == ("tok style",)
+    assert lf.ref.canonical_id == "civitai:100"
+
+
+def test_civitai_model_id_resolves_to_latest_version(civitai):
+    civitai.add_version(10, 100, make_lora(2), published_at="2024-01-01T00:00:00Z")
+    civitai.add_version(10, 105, LORA, published_at="2025-06-01T00:00:00Z", base_model="Pony")
+    lf = fetch("civitai.com/models/10/name")
+    assert lf.ref.canonical_id == "civitai:105" and lf.path.read_bytes() == LORA
+    assert civitai.count(r"/api/v1/model-versions/10$") == 0  # the model id is never used as a version id
+
+
+def test_civitai_air_and_download_url(civitai):
+    civitai.add_version(10, 100, LORA, base_model="NoobAI")
+    cache = LoraCache.from_env()
+    assert fetch("urn:air:sdxl:lora:civitai:10@100", cache=cache).size == len(LORA)
+    assert fetch("https://civitai.com/api/download/models/100", cache=cache).size == len(LORA)
+    assert cache.stats == {"hits": 1, "misses": 1, "bytes": cache.stats["bytes"], "entries": 1}
+
+
+def test_civitai_token_needed(civitai):
+    civitai.add_version(10, 100, LORA, token="civ_TOKEN")
+    with pytest.raises(AuthRequiredError, match="civitai_api_token"):
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+    lf = fetch("urn:air:sdxl:lora:civitai:10@100", Tokens(civitai="civ_TOKEN"))
+    assert lf.path.read_bytes() == LORA
+    api = [r for r in civitai.requests if r.path.startswith("/api/download")]
+    assert api[-1].headers["authorization"] == "Bearer civ_TOKEN"
+    # The pre-signed storage host (another origin) never sees the token.
+    assert civitai.storage.requests and all("authorization" not in r.headers for r in civitai.storage.requests)
+
+
+def test_civitai_html_page_instead_of_file(civitai):
+    civitai.add_version(10, 100, LORA)
+    civitai.route("GET", r"/api/download/models/100", lambda req: Response(200, b"<html>log in</html>", {"Content-Type": "text/html"}))
+    with pytest.raises(AuthRequiredError, match="civitai_api_token"):
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+
+
+def test_civitai_json_200_instead_of_file(civitai):
+    civitai.add_version(10, 100, LORA)
+    civitai.route("GET", r"/api/download/models/100", lambda req: Response(200, b'{"error":"login"}', {"Content-Type": "application/octet-stream"}))
+    with pytest.raises(AuthRequiredError):
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+
+
+def test_civitai_login_redirect(civitai):
+    civitai.add_version(10, 100, LORA)
+    civitai.route("GET", r"/api/download/models/100", lambda req: Response(302, b"", {"Location": "/login?returnUrl=/x"}))
+    with pytest.raises(AuthRequiredError, match="login"):
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+
+
+@pytest.mark.parametrize("base", ["SD 1.5", "Flux.1 D", "SD 3"])
+def test_civitai_rejects_other_base_models(civitai, base):
+    civitai.add_version(10, 100, LORA, base_model=base)
+    with pytest.raises(IncompatibleError, match="SDXL") as e:
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+    assert base in str(e.value)
+
+
+def test_civitai_refuses_pickle_and_checkpoints(civitai):
+    civitai.add_version(10, 100, LORA, file_format="PickleTensor")
+    with pytest.raises(IncompatibleError, match="safetensors"):
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+    civitai.add_version(20, 200, LORA, model_type="Checkpoint")
+    with pytest.raises(IncompatibleError, match="Checkpoint"):
+        fetch("civitai.com/models/20")
+
+
+def test_civitai_wrong_sha256(civitai, weights_env):
+    civitai.add_version(10, 100, LORA, sha="ab" * 32)
+    with pytest.raises(ChecksumError, match="sha256"):
+        fetch("urn:air:sdxl:lora:civitai:10@100")
+    assert not list((weights_env / "cache" / "entries").iterdir())
+
+
+def test_civitai_not_found(civitai):
+    with pytest.raises(NotFoundError, match="lora_weights"):
+        fetch("civitai.com/models/999")
+
+
+# ---------------------------------------------------------------------------------------------- Replicate
+def test_replicate_latest_with_token_and_sidecars(replicate):
+    tar = make_trainer_tar(LORA, embeddings=b"EMB", special_params={"TOK": "<s0><s1>"})
+    replicate.add_version("me/style", "v1", make_trainer_tar(make_lora(2)))
+    replicate.add_version("me/style", "v2", tar)
+    lf = fetch("me/style", Tokens(replicate="r8_test"))
+    assert lf.ref.canonical_id == "replicate:me/style:v2" and lf.path.read_bytes() == LORA
+    assert lf.embeddings_path and lf.embeddings_path.read_bytes() == b"EMB"
+    assert lf.special_params == {"TOK": "<s0><s1>"}
+
+
+def test_replicate_version_forms(replicate):
+    replicate.add_version("me/style", "v1", make_trainer_tar(LORA))
+    replicate.add_version("me/style", "v2", make_trainer_tar(make_lora(2)))
+    cache = LoraCache.from_env()
+    assert fetch("me/style:v1", cache=cache).path.read_bytes() == LORA
+    assert fetch(f"me/style/versions/v1", cache=cache).ref.canonical_id == "replicate:me/style:v1"
+    assert cache.stats["hits"] == 1
+
+
+def test_replicate_without_token_keys_by_delivery_location(replicate):
+    replicate.add_version("me/style", "v1", make_trainer_tar(LORA))
+    cache = LoraCache.from_env()
+    a = fetch("me/style", cache=cache)
+    assert a.ref.canonical_id.startswith("replicate:me/style@") and a.path.read_bytes() == LORA
+    replicate.add_version("me/style", "v2", make_trainer_tar(make_lora(2)))  # a new training is picked up
+    b = fetch("me/style", cache=cache)
+    assert b.ref.canonical_id != a.ref.canonical_id and b.path.read_bytes() == make_lora(2)
+
+
+def test_delivery_tar_url_flux_style(files):
+    url = files.add_file("/pbxt/x/trained_model.tar", make_trainer_tar(LORA, lora_name="output/flux_lora.safetensors"))
+    assert fetch(url).path.read_bytes() == LORA
+
+
+def test_tar_unsafe_members_are_ignored(files):
+    tar = make_trainer_tar(LORA, extra={"../evil.safetensors": b"x", "/abs.json": b"{}"})
+    lf = fetch(files.add_file("/t.tar", tar))
+    assert lf.path.read_bytes() == LORA
+    assert not (lf.path.parent.parent / "evil.safetensors").exists()
+
+
+def test_tar_with_ambiguous_weights(files):
+    tar = make_trainer_tar(LORA, lora_name="a.safetensors", extra={"b.safetensors": LORA})
+    with pytest.raises(IncompatibleError, match="a.safetensors"):
+        fetch(files.add_file("/t.tar", tar))
+
+
+def test_replicate_model_missing(replicate):
+    with pytest.raises(NotFoundError):
+        fetch("me/nothing", Tokens(replicate="r8_test"))
+
+
+# --------------------------------------------------------------------------------------- plain URLs / HTTP
+def test_url_with_redirects(files):
+    files.add_file("/real/lora.safetensors", LORA)
+    files.add_redirect("/a", "/b")
+    files.add_redirect("/b", "/real/lora.safetensors")
+    assert fetch(files.url + "/a").path.read_bytes() == LORA
+
+
+def test_url_redirect_loop_is_bounded(files):
+    files.add_redirect("/loop", "/loop")
+    with pytest.raises(NetworkError, match="redirect"):
+        fetch(files.url + "/loop")
+
+
+def test_url_redirect_to_non_http(files):
+    files.add_redirect("/x", "file:///etc/passwd")
+    with pytest.raises(InvalidReferenceError, match="http"):
+        fetch(files.url + "/x")
+
+
+@pytest.mark.parametrize("status, error", [(401, AuthRequiredError), (403, AuthRequiredError), (404, NotFoundError)])
+def test_url_http_errors(files, status, error):
+    files.fail(r"/f", status, times=-1)
+    with pytest.raises(error, match="lora_weights"):
+        fetch(files.url + "/f.safetensors")
+
+
+def test_url_retries_429_with_retry_after_then_succeeds(files, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(weights.time, "sleep", lambda s: sleeps.append(s))
+    files.add_file("/f.safetensors", LORA)
+    files.fail(r"/f", 429, times=1, headers={"Retry-After": "2"})
+    files.fail(r"/f", 503, times=1)
+    assert fetch(files.url + "/f.safetensors").size == len(LORA)
+    assert sleeps[0] == 2.0 and len(sleeps) == 2
+
+
+def test_url_500_exhausts_retries(files):
+    files.fail(r"/f", 500, times=-1)
+    with pytest.raises(NetworkError, match="500"):
+        fetch(files.url + "/f.safetensors")
+    assert files.count(r"/f") == weights.MAX_RETRIES + 1
+
+
+def test_url_truncated_download_resumes_with_range(files, monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK", 256)  # bytes before the cut reach the disk, as with a large file
+    files.add_file("/f.safetensors", LORA)
+    files.truncate(r"/f", at=len(LORA) // 2)
+    assert fetch(files.url + "/f.safetensors").path.read_bytes() == LORA
+    ranges = [r.headers.get("range") for r in files.requests]
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and 0 < int(ranges[1][6:-1]) <= len(LORA) // 2
+
+
+def test_url_truncated_every_time(files):
+    files.add_file("/f.safetensors", LORA)
+    files.truncate(r"/f", at=10, times=-1)
+    with pytest.raises(NetworkError, match="cut short|breaking off"):
+        fetch(files.url + "/f.safetensors")
+
+
+def test_url_slow_response_times_out(files, monkeypatch):
+    monkeypatch.setattr(weights, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(weights, "MAX_RETRIES", 1)
+    files.add_file("/f.safetensors", LORA)
+    files.slow(r"/f", 1.0)
+    with pytest.raises(NetworkError):
+        fetch(files.url + "/f.safetensors")
+
+
+@pytest.mark.parametrize("body, ctype, what", [
+    (b"<!DOCTYPE html><html>hi</html>", "text/html", "HTML"),
+    (b"<html>sneaky</html>", "application/octet-stream", "HTML"),
+    (b"\x80\x04\x95pickle", "application/octet-stream", "pickle"),
+    (b"PK\x03\x04zip", "application/octet-stream", "zip"),
+    (b"", "application/octet-stream", "empty"),
+    (b'{"error": "x"}', "application/json", "JSON"),
+])
+def test_url_not_safetensors(files, body, ctype, what):
+    files.add_file("/f.safetensors", body, content_type=ctype)
+    with pytest.raises(IncompatibleError, match=what):
+        fetch(files.url + "/f.safetensors")
+
+
+def test_url_truncated_safetensors_is_corrupt(files):
+    files.add_file("/f.safetensors", LORA[:-40])
+    with pytest.raises(ChecksumError, match="truncated"):
+        fetch(files.url + "/f.safetensors")
+
+
+def test_url_too_large(files, monkeypatch):
+    monkeypatch.setenv("LORA_MAX_BYTES", "1000")
+    files.add_file("/f.safetensors", LORA)
+    with pytest.raises(TooLargeError, match="checkpoint"):
+        fetch(files.url + "/f.safetensors")
+
+
+def test_content_disposition_never_becomes_a_path(files, weights_env):
+    files.add_file("/f.safetensors", LORA, headers={"Content-Disposition": 'attachment; filename="../../evil.safetensors"'})
+    lf = fetch(files.url + "/f.safetensors")
+    assert lf.path.name == "lora.safetensors" and not list(weights_env.rglob("evil*"))
+
+
+def test_data_url():
+    lf = fetch("data:application/octet-stream;base64," + base64.b64encode(LORA).decode())
+    assert lf.path.read_bytes() == LORA
+    with pytest.raises(IncompatibleError):
+        fetch("data:,hello")
+
+
+# -------------------------------------------------------------------------------------------------- pget
+def test_pget_used_when_on_path(files, weights_env, monkeypatch):
+    bindir = weights_env / "bin"
+    write_fake_pget(bindir)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(weights, "PGET_MIN_BYTES", 0)
+    files.add_file("/f.safetensors", LORA)
+    assert fetch(files.url + "/f.safetensors").path.read_bytes() == LORA
+    assert (bindir / "pget.log").read_text().split() == ["/f.safetensors"]
+    assert files.count(r"/f", "GET") == 1  # only pget fetched it
+
+
+def test_pget_for_civitai_gets_presigned_url_without_token(civitai, weights_env, monkeypatch):
+    bindir = weights_env / "bin"
+    write_fake_pget(bindir)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(weights, "PGET_MIN_BYTES", 0)
+    civitai.add_version(10, 100, LORA, token="civ_T")
+    assert fetch("urn:air:sdxl:lora:civitai:10@100", Tokens(civitai="civ_T")).path.read_bytes() == LORA
+    assert (bindir / "pget.log").read_text().startswith("/files/100/")
+
+
+def test_pget_failure_falls_back_to_python(files, weights_env, monkeypatch):
+    bindir = weights_env / "bin"
+    bindir.mkdir()
+    (bindir / "pget").write_text("#!/bin/sh\nexit 3\n")
+    (bindir / "pget").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(weights, "PGET_MIN_BYTES", 0)
+    files.add_file("/f.safetensors", LORA)
+    assert fetch(files.url + "/f.safetensors").path.read_bytes() == LORA
+
+
+# ----------------------------------------------------------------------------------------------- secrets
+def test_secrets_never_leak(civitai, files, hf_hub, weights_env, caplog):
+    caplog.set_level(logging.DEBUG, logger="weights")
+    token, sig = "civ_SUPERSECRET_123", "SIGSECRET987"
+    hf_hub.add_file("o/private", "x.safetensors", LORA)
+    hf_hub.set_private("o/private", "hf_SECRETHF")
+    civitai.add_version(10, 100, LORA, token=token)
+    civitai.add_version(11, 110, LORA, token=token, sha="cd" * 32)
+    files.add_file("/ok.safetensors", make_lora(3))
+    files.fail(r"/bad", 500, times=-1)
+    files.add_redirect("/presign", f"http://127.0.0.1:1/x.safetensors?X-Amz-Signature={sig}")  # signed hop fails
+    tokens = Tokens(civitai=token, hf="hf_SECRETHF", replicate="r8_SECRETR8")
+    assert token not in repr(tokens) and "SECRETHF" not in repr(tokens)
+    cache = LoraCache.from_env()
+    texts = []
+    for text in ("urn:air:sdxl:lora:civitai:10@100", f"{files.url}/ok.safetensors?X-Amz-Signature={sig}",
+                 "urn:air:sdxl:lora:civitai:11@110", f"{files.url}/bad.safetensors?X-Amz-Signature={sig}",
+                 f"http://127.0.0.1:1/unreachable.safetensors?token={sig}", "hf://o/private/x.safetensors",
+                 "hf://o/private/missing.safetensors", f"{files.url}/presign"):
+        try:
+            lf = fetch(text, tokens, cache=cache)
+            texts.append(repr(lf))
+        except WeightsError as err:
+            chain = err
+            while chain is not None:
+                texts.append(f"{type(chain).__name__}: {chain}")
+                chain = chain.__cause__
+        texts.append(repr(parse_lora_ref(text)))
+    texts.append(caplog.text)
+    for path in weights_env.joinpath("cache").rglob("*"):
+        texts.append(str(path))
+        if path.is_file() and path.suffix == ".json":
+            texts.append(path.read_text())
+    blob = "\n".join(texts)
+    assert "miss" in caplog.text
+    for secret in (token, sig, "SECRETHF", "SECRETR8"):
+        assert secret not in blob

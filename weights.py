@@ -1,0 +1,1379 @@
+"""LoRA references -> verified .safetensors files on local disk, cached across predictions.
+
+    ref = parse_lora_ref(text, input_name="lora_weights")   # pure, no network; raises InvalidReferenceError
+    cache = LoraCache.from_env()
+    lora = cache.fetch(ref, Tokens.from_inputs(hf_api_token, civitai_api_token))
+    try: ... use lora.path, lora.trigger_words, lora.embeddings_path, lora.special_params ...
+    finally: cache.release(ref)
+
+Sources: Hugging Face (huggingface_hub against HF_ENDPOINT), CivitAI (CIVITAI_API_BASE), Replicate
+(REPLICATE_API_BASE / REPLICATE_WEB_BASE), plain http(s) URLs and data: URLs.  See REFERENCE_FORMS for the
+accepted spellings.  Secrets (tokens, signed query strings) never reach logs, error messages, cache keys or
+file names: everything user-visible is built from `WeightsRef.display`.
+
+Cache layout (LORA_CACHE_DIR):
+    entries/<sha256(canonical_id)[:32]>/lora.safetensors [+ embeddings.pti, special_params.json] + meta.json
+    locks/<same>.lock      per-key inter-process lock (an optimisation: installs are atomic renames anyway)
+    tmp/                   in-flight downloads, removed on failure or cancellation, swept on start
+meta.json is the sidecar index entry (written before the entry directory is renamed into place); its mtime is
+the last-use time for LRU eviction, so the index is rebuilt from disk after a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import email.utils
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+MiB = 1024**2
+
+# Network behaviour.  Module-level so tests can shrink them (never sleep long in tests).
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+MAX_RETRIES = 4
+RETRY_BACKOFF = float(os.environ.get("LORA_RETRY_BACKOFF", "1.0"))  # seconds, doubled each attempt
+MAX_RETRY_AFTER = 30.0  # a server asking for more than this is treated as down
+MAX_REDIRECTS = 10
+CHUNK = 256 * 1024
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_SAFETENSORS_HEADER = 100 * MiB
+MAX_SIDE_FILE_BYTES = 64 * MiB  # embeddings.pti / special_params.json in a trainer tar
+LORA_FILE_NAME = "lora.safetensors"
+USER_AGENT = "sdxl-lora-cog/1"
+
+SDXL_FAMILY = ("sdxl", "illustrious", "noobai", "pony")  # CivitAI baseModel prefixes (case-insensitive)
+CIVITAI_LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})
+CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com", "civitai.red", "civitai.green"})
+HF_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
+REPLICATE_WEB_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
+HF_SKIP_PARTS = ("checkpoint", "optimizer", "scheduler")
+HF_PREFERRED = "pytorch_lora_weights.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------- errors
+class WeightsError(Exception):
+    """Base of every error this module raises; the message is safe to show to the user."""
+
+    def __init__(self, message: str, *, input_name: str | None = None):
+        super().__init__(message)
+        self.input_name = input_name
+
+
+class InvalidReferenceError(WeightsError, ValueError):
+    """The text is not a reference form we understand."""
+
+
+class NotFoundError(WeightsError):
+    """The repo, model, version or file does not exist (or is invisible without a token)."""
+
+
+class AuthRequiredError(WeightsError):
+    """The source wants a (different) token."""
+
+
+class ChecksumError(WeightsError):
+    """The bytes differ from what the source published, or the file is truncated/corrupt."""
+
+
+class IncompatibleError(WeightsError):
+    """Not an SDXL-family LoRA in safetensors format (wrong base model, pickle, HTML page...)."""
+
+
+class TooLargeError(WeightsError):
+    """Over the per-file cap (most likely a full checkpoint), or no room on disk."""
+
+
+class NetworkError(WeightsError):
+    """The source could not be reached after retries."""
+
+
+class _RedactedCause(Exception):
+    """Stands in for a library exception whose text carried a secret (e.g. a signed URL)."""
+
+
+def _err(cls: type[WeightsError], input_name: str, what: str, *, expected: str, got: str, hint: str = "") -> WeightsError:
+    """One message shape for every error: which input, what happened, what was expected, what came, what to do."""
+    msg = f"{input_name}: {what} (expected {expected}; got {got})."
+    if hint:
+        msg += f" {hint}"
+    return cls(msg, input_name=input_name)
+
+
+def _scrub(err: BaseException, secrets: tuple[str, ...]) -> BaseException:
+    """Keep `err` as the cause unless its text would leak a secret; then chain a redacted stand-in instead."""
+    text = f"{type(err).__name__}: {err}"
+    leaked = [s for s in secrets if s and s in text]
+    if not leaked:
+        return err
+    for s in leaked:
+        text = text.replace(s, "<redacted>")
+    return _RedactedCause(text)
+
+
+# ------------------------------------------------------------------------------------------------ references
+@dataclass(frozen=True)
+class WeightsRef:
+    """A parsed reference.  `canonical_id` is stable, token-free and query-free; `display` is safe to log.
+
+    Some references still need a look-up before the exact file is known (a CivitAI model id, a Replicate model
+    without a version, a Hugging Face branch); `LoraCache.fetch` resolves them and returns the resolved ref in
+    `LoraFile.ref`.
+    """
+
+    source: str  # "huggingface" | "civitai" | "replicate" | "url" | "data"
+    canonical_id: str
+    display: str
+    repo: str | None = None  # HF "owner/repo" or Replicate "owner/model"
+    revision: str | None = None  # HF revision (branch, tag or commit)
+    path: str | None = None  # HF file path (or folder to search when `path_is_dir`)
+    path_is_dir: bool = False
+    model_id: int | None = None  # CivitAI model id
+    version_id: str | None = None  # CivitAI model-version id or Replicate version id
+    is_tar: bool = False  # the download is a trainer tar to extract
+    url: str | None = field(default=None, repr=False, compare=False)  # full URL incl. signed query: never log
+
+    @property
+    def resolved(self) -> bool:
+        """True when the canonical id names exactly one immutable file (no look-up needed)."""
+        if self.source == "civitai":
+            return self.version_id is not None
+        if self.source == "replicate":
+            return self.version_id is not None or self.url is not None
+        if self.source == "huggingface":
+            return bool(self.revision and _COMMIT_RE.fullmatch(self.revision) and self.path and not self.path_is_dir)
+        return True
+
+
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_REPO = rf"(?P<repo>{_NAME}/{_NAME})"
+
+
+def _hf_ref(repo: str, revision: str | None, path: str | None, *, is_dir: bool = False) -> WeightsRef:
+    revision = unquote(revision) if revision else "main"
+    path = unquote(path).strip("/") if path else None
+    if path and (path.startswith("/") or ".." in path.split("/")):
+        raise InvalidReferenceError(f"bad path in repo: {path!r}")
+    if path and not is_dir and not path.endswith(".safetensors"):
+        # A path without the extension is a folder to search (e.g. hf://o/r/subfolder).
+        is_dir = "." not in path.rsplit("/", 1)[-1]
+        if not is_dir:
+            raise InvalidReferenceError(f"the file {path!r} is not a .safetensors file")
+    where = f"{path}/" if is_dir and path else (path or "")
+    cid = f"hf:{repo}@{revision}:{where}"
+    display = f"hf://{repo}@{revision}" + (f"/{path}" if path else "")
+    return WeightsRef("huggingface", cid, display, repo=repo, revision=revision, path=path, path_is_dir=is_dir or not path)
+
+
+def _civitai_ref(model_id: str | None, version_id: str | None) -> WeightsRef:
+    if version_id is not None and not version_id.isdigit():
+        raise InvalidReferenceError(f"modelVersionId must be a number, not {version_id[:20]!r}")
+    mid = int(model_id) if model_id else None
+    if version_id:
+        display = f"civitai model-version {version_id}" + (f" (model {mid})" if mid else "")
+        return WeightsRef("civitai", f"civitai:{int(version_id)}", display, model_id=mid, version_id=str(int(version_id)))
+    return WeightsRef("civitai", f"civitai-model:{mid}", f"civitai model {mid}", model_id=mid)
+
+
+def _replicate_ref(repo: str, version: str | None) -> WeightsRef:
+    if version:
+        return WeightsRef("replicate", f"replicate:{repo}:{version}", f"replicate {repo}:{version}", repo=repo, version_id=version, is_tar=True)
+    return WeightsRef("replicate", f"replicate:{repo}", f"replicate {repo}", repo=repo, is_tar=True)
+
+
+def _url_ref(url: str, parts) -> WeightsRef:
+    host = (parts.hostname or "").lower()
+    port = f":{parts.port}" if parts.port else ""
+    clean = urlunsplit((parts.scheme.lower(), host + port, parts.path or "/", "", ""))  # no userinfo, query, fragment
+    digest = hashlib.sha256(clean.encode()).hexdigest()
+    is_tar = parts.path.lower().endswith(".tar")
+    source = "replicate" if host == "replicate.delivery" or host.endswith(".replicate.delivery") else "url"
+    prefix = "replicate-delivery" if source == "replicate" else "url"
+    return WeightsRef(source, f"{prefix}:{digest}", clean, is_tar=is_tar, url=url)
+
+
+def _data_ref(text: str) -> WeightsRef:
+    payload = _decode_data_url(text)
+    digest = hashlib.sha256(payload).hexdigest()
+    return WeightsRef("data", f"data:{digest}", f"data: URL ({len(payload)} bytes, sha256 {digest[:12]})", url=text)
+
+
+def _decode_data_url(text: str) -> bytes:
+    head, sep, body = text.partition(",")
+    if not sep:
+        raise InvalidReferenceError("a data: URL needs a comma before its payload")
+    if head.lower().endswith(";base64"):
+        try:
+            return base64.b64decode(body.strip(), validate=False)
+        except (binascii.Error, ValueError) as err:
+            raise InvalidReferenceError("the data: URL's base64 payload does not decode") from err
+    return unquote_to_bytes(body)
+
+
+# The reference forms, tried in order against the whole (scheme-normalised) text.  Each builder gets the match.
+_HOST_HF = r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)"
+_HOST_CIVITAI = r"https?://(?:www\.)?civitai\.(?:com|red|green)"
+_HOST_REPLICATE = r"https?://(?:www\.)?replicate\.com"
+_PATTERNS: tuple[tuple[str, re.Pattern, Callable[[re.Match], WeightsRef]], ...] = tuple(
+    (name, re.compile(rx, re.IGNORECASE if name.startswith("civitai") else 0), build)
+    for name, rx, build in (
+        ("hf-file", rf"{_HOST_HF}/{_REPO}/(?:blob|resolve)/(?P<rev>[^/?#]+)/(?P<path>[^?#]+)(?:[?#].*)?",
+         lambda m: _hf_ref(m["repo"], m["rev"], m["path"])),
+        ("hf-tree", rf"{_HOST_HF}/{_REPO}/tree/(?P<rev>[^/?#]+)(?:/(?P<path>[^?#]*))?/?(?:[?#].*)?",
+         lambda m: _hf_ref(m["repo"], m["rev"], m["path"], is_dir=True)),
+        ("hf-repo", rf"{_HOST_HF}/{_REPO}/?(?:[?#].*)?", lambda m: _hf_ref(m["repo"], None, None)),
+        ("hf-scheme", rf"hf://{_REPO}(?:@(?P<rev>[^/]+))?(?:/(?P<path>.+))?",
+         lambda m: _hf_ref(m["repo"], m["rev"], m["path"])),
+        ("civitai-download", rf"{_HOST_CIVITAI}/api/download/models/(?P<v>\d+)/?(?:[?#].*)?",
+         lambda m: _civitai_ref(None, m["v"])),
+        ("civitai-model", rf"{_HOST_CIVITAI}/models/(?P<id>\d+)(?:/[^?#]*)?(?:\?(?P<q>[^#]*))?(?:#.*)?",
+         lambda m: _civitai_ref(m["id"], (parse_qs(m["q"] or "").get("modelVersionId") or [None])[0])),
+        ("civitai-air", r"(?:urn:)?(?:air:)?(?P<eco>[a-z0-9]+):(?P<type>[a-z]+):civitai:(?P<id>\d+)(?:@(?P<v>\d+))?",
+         lambda m: _air_ref(m)),
+        ("replicate-web", rf"{_HOST_REPLICATE}/{_REPO}(?:/versions/(?P<v>[A-Za-z0-9]+))?(?:/_weights)?/?(?:[?#].*)?",
+         lambda m: _replicate_ref(m["repo"], m["v"])),
+        ("replicate-versions", rf"{_REPO}/versions/(?P<v>[A-Za-z0-9]+)", lambda m: _replicate_ref(m["repo"], m["v"])),
+        ("replicate-version", rf"{_REPO}:(?P<v>[A-Za-z0-9]+)", lambda m: _replicate_ref(m["repo"], m["v"])),
+        ("replicate-model", _REPO, lambda m: _replicate_ref(m["repo"], None)),
+    )
+)
+
+# Human-readable list for error messages and the README.
+REFERENCE_FORMS = (
+    "huggingface.co/owner/repo[/blob|resolve/<rev>/<path>.safetensors]",
+    "hf://owner/repo[@rev][/path]",
+    "civitai.com/models/<id>[?modelVersionId=<v>]",
+    "civitai.com/api/download/models/<v>",
+    "urn:air:sdxl:lora:civitai:<id>@<v>",
+    "owner/model[:version] (Replicate)",
+    "https://.../file.safetensors or .tar",
+    "data:...;base64,...",
+)
+
+_AIR_ECOSYSTEMS = {"sdxl", "pony", "illustrious", "noobai", "sdxl1"}
+_AIR_TYPES = {"lora", "lycoris", "locon", "dora"}
+
+
+def _air_ref(m: re.Match) -> WeightsRef:
+    eco, typ = m["eco"].lower(), m["type"].lower()
+    if typ not in _AIR_TYPES:
+        raise InvalidReferenceError(f"the AIR names a {typ!r}, not a LoRA")
+    if eco not in _AIR_ECOSYSTEMS:
+        raise InvalidReferenceError(f"the AIR is for the {eco!r} ecosystem, not SDXL/Illustrious/Pony")
+    return _civitai_ref(m["id"], m["v"])
+
+
+def _normalise_text(text: str) -> str:
+    text = text.strip()
+    lower = text.lower()
+    bare_hosts = tuple(f"{h}/" for h in (*HF_HOSTS, *CIVITAI_HOSTS, *REPLICATE_WEB_HOSTS, "replicate.delivery"))
+    if lower.startswith(bare_hosts):
+        return "https://" + text
+    return text
+
+
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _civitai_base() -> str:
+    return os.environ.get("CIVITAI_API_BASE", "https://civitai.com").rstrip("/")
+
+
+def _replicate_api_base() -> str:
+    return os.environ.get("REPLICATE_API_BASE", "https://api.replicate.com").rstrip("/")
+
+
+def _replicate_web_base() -> str:
+    """REPLICATE_WEB_BASE, else derived from the API base (api.replicate.com -> replicate.com; a test server as is)."""
+    web = os.environ.get("REPLICATE_WEB_BASE")
+    if web:
+        return web.rstrip("/")
+    api = urlsplit(_replicate_api_base())
+    host = api.netloc[4:] if api.netloc.startswith("api.") else api.netloc
+    return urlunsplit((api.scheme, host, "", "", ""))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    return (p.scheme.lower(), (p.hostname or "").lower(), p.port)
+
+
+def _rebase(text: str) -> str:
+    """A URL on a configured HF_ENDPOINT / CIVITAI_API_BASE host (a mirror or a test server) means that source."""
+    for env, public in (("HF_ENDPOINT", "https://huggingface.co"), ("CIVITAI_API_BASE", "https://civitai.com")):
+        base = os.environ.get(env, "").rstrip("/")
+        if base and text.startswith(base + "/"):
+            return public + text[len(base):]
+    return text
+
+
+def parse_lora_ref(text: str, *, input_name: str = "lora_weights") -> WeightsRef:
+    """Parse what the user pasted into a `WeightsRef` (no network).  Raises InvalidReferenceError."""
+    if not isinstance(text, str) or not text.strip():
+        raise _err(InvalidReferenceError, input_name, "empty reference", expected="one of " + ", ".join(REFERENCE_FORMS), got="nothing")
+    raw = text.strip()
+    if raw.lower().startswith("data:"):
+        try:
+            return _data_ref(raw)
+        except InvalidReferenceError as err:
+            raise _err(InvalidReferenceError, input_name, str(err), expected="data:[<type>][;base64],<payload>", got="a malformed data: URL") from err
+    norm = _rebase(_normalise_text(raw))
+    for _name, rx, build in _PATTERNS:
+        m = rx.fullmatch(norm)
+        if m:
+            try:
+                return build(m)
+            except InvalidReferenceError as err:
+                raise _err(InvalidReferenceError, input_name, str(err), expected="one of " + ", ".join(REFERENCE_FORMS), got=repr(_safe_text(raw))) from err
+    parts = urlsplit(norm)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return _url_ref(norm, parts)
+    hint = ""
+    if parts.scheme and parts.scheme not in ("http", "https", "hf", "data", "urn", "air"):
+        hint = "Only http(s), hf:// and data: URLs are accepted."
+    elif re.fullmatch(rf"{_NAME}/{_NAME}/.+", raw):
+        hint = "For a file in a Hugging Face repo write hf://owner/repo/path or huggingface.co/owner/repo/blob/main/path."
+    raise _err(InvalidReferenceError, input_name, "not a LoRA reference we understand", expected="one of " + ", ".join(REFERENCE_FORMS), got=repr(_safe_text(raw)), hint=hint)
+
+
+def _safe_text(text: str) -> str:
+    """The user's text without query string or userinfo, cut short: fit for an error message."""
+    parts = urlsplit(text)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        port = f":{parts.port}" if parts.port else ""
+        text = urlunsplit((parts.scheme, parts.hostname + port, parts.path, "", ""))
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------- tokens
+def _secret_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    if hasattr(value, "get_secret_value"):
+        value = value.get_secret_value()
+    value = str(value).strip() if value is not None else ""
+    return value or None
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Per-request API tokens.  repr shows only which are set."""
+
+    hf: str | None = field(default=None, repr=False)
+    civitai: str | None = field(default=None, repr=False)
+    replicate: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        flags = ", ".join(f"{k}={'set' if getattr(self, k) else None}" for k in ("hf", "civitai", "replicate"))
+        return f"Tokens({flags})"
+
+    @classmethod
+    def from_inputs(cls, hf_api_token: Any = None, civitai_api_token: Any = None, replicate_api_token: Any = None) -> "Tokens":
+        """From cog.Secret / str / None inputs, falling back to HF_TOKEN / CIVITAI_API_TOKEN / REPLICATE_API_TOKEN."""
+        return cls(
+            hf=_secret_value(hf_api_token) or _secret_value(os.environ.get("HF_TOKEN")),
+            civitai=_secret_value(civitai_api_token) or _secret_value(os.environ.get("CIVITAI_API_TOKEN")),
+            replicate=_secret_value(replicate_api_token) or _secret_value(os.environ.get("REPLICATE_API_TOKEN")),
+        )
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.hf, self.civitai, self.replicate) if t)
+
+
+# ------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class LoraFile:
+    ref: WeightsRef
+    path: Path
+    sha256: str
+    size: int
+    base_model: str | None = None
+    trigger_words: tuple[str, ...] = ()
+    embeddings_path: Path | None = None
+    special_params: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Context:
+    """What one fetch carries through the helpers."""
+
+    input_name: str
+    display: str
+    tokens: Tokens
+    max_bytes: int
+    secrets: tuple[str, ...] = ()
+
+
+@dataclass
+class _Staged:
+    """A verified download sitting in a temporary folder, ready to be renamed into the cache."""
+
+    folder: Path
+    sha256: str
+    size: int
+    base_model: str | None = None
+    trigger_words: tuple[str, ...] = ()
+    has_embeddings: bool = False
+    special_params: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ verification
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1}
+
+
+def _describe_body(head: bytes) -> str:
+    """What a non-safetensors file most likely is, from its first bytes."""
+    s = head.lstrip()[:1]
+    if not head:
+        return "an empty file"
+    if s == b"<":
+        return "an HTML/XML page (often a login or error page)"
+    if s in (b"{", b"["):
+        return "a JSON document (often an API error)"
+    if head[:1] == b"\x80":
+        return "a Python pickle (.ckpt/.pt/.bin), refused because unpickling can run code"
+    if head[:2] == b"PK":
+        return "a zip archive (a torch .pt/.pth file)"
+    return "a file that is not safetensors"
+
+
+def check_safetensors(path: Path) -> dict:
+    """Structural safetensors check without loading tensors; returns the header.  Raises ValueError naming what it is."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if size < 8 or head[:1] in (b"<", b"{", b"[", b"\x80") or head[:2] == b"PK":
+            raise ValueError(_describe_body(head))
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_SAFETENSORS_HEADER or n > size - 8:
+            raise ValueError(_describe_body(head) if n > size else "a truncated or corrupt safetensors file (bad header length)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError("a corrupt safetensors file (header is not JSON)") from err
+    if not isinstance(header, dict):
+        raise ValueError("a corrupt safetensors file (header is not an object)")
+    data_len = size - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = 1
+            for d in shape:
+                count *= int(d)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"a corrupt safetensors file (bad entry {name[:60]!r})") from err
+        itemsize = _DTYPE_SIZES.get(str(dtype))
+        if itemsize is None or not 0 <= begin <= end or (dtype not in ("F4", "F6_E2M3", "F6_E3M2") and end - begin != count * itemsize):
+            raise ValueError(f"a corrupt safetensors file (inconsistent entry {name[:60]!r})")
+        end_max = max(end_max, end)
+    if end_max > data_len:
+        raise ValueError(f"a truncated safetensors file ({data_len} data bytes, header needs {end_max})")
+    if end_max == 0 and not any(k != "__metadata__" for k in header):
+        raise ValueError("a safetensors file with no tensors")
+    return header
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = None, auth_hint: str = "") -> str:
+    """sha256 (when published) + size cap + safetensors structure.  Returns the sha256."""
+    size = path.stat().st_size
+    if size > ctx.max_bytes:
+        raise _too_large(ctx, size)
+    if expected_sha256:
+        got = _sha256_file(path)
+        if got.lower() != expected_sha256.lower():
+            # Check the structure first: a login page explains a mismatch better than the checksum does.
+            try:
+                check_safetensors(path)
+            except ValueError as err:
+                raise _not_safetensors(ctx, str(err), auth_hint) from err
+            raise _err(ChecksumError, ctx.input_name, f"the file from {ctx.display} failed its checksum",
+                       expected=f"sha256 {expected_sha256.lower()[:16]}...", got=f"sha256 {got[:16]}... ({size} bytes)",
+                       hint="The download was corrupted or the file changed at the source; try again.")
+    try:
+        check_safetensors(path)
+    except ValueError as err:
+        raise _not_safetensors(ctx, str(err), auth_hint) from err
+    return expected_sha256.lower() if expected_sha256 else _sha256_file(path)
+
+
+def _not_safetensors(ctx: _Context, what: str, auth_hint: str) -> WeightsError:
+    looks_like_page = what.startswith(("an HTML", "a JSON", "an empty"))
+    if auth_hint and looks_like_page:
+        return _err(AuthRequiredError, ctx.input_name, f"{ctx.display} answered with a page instead of the file",
+                    expected="a .safetensors LoRA", got=what, hint=auth_hint)
+    cls = ChecksumError if "truncated" in what or "corrupt" in what else IncompatibleError
+    return _err(cls, ctx.input_name, f"{ctx.display} is not a usable LoRA file", expected="a .safetensors LoRA", got=what,
+                hint="Link the .safetensors file itself (pickle .ckpt/.pt files are not accepted).")
+
+
+def _too_large(ctx: _Context, size: int) -> WeightsError:
+    return _err(TooLargeError, ctx.input_name, f"{ctx.display} is too large for a LoRA",
+                expected=f"at most {ctx.max_bytes / MiB:.0f} MiB (LORA_MAX_BYTES)", got=f"{size / MiB:.0f} MiB",
+                hint="A file this large is most likely a full checkpoint, not a LoRA.")
+
+
+# ------------------------------------------------------------------------------------------- HTTP download
+def _retry_after(resp: requests.Response | None, attempt: int) -> float:
+    """Seconds to wait before the next attempt: Retry-After when given (seconds or HTTP date), else backoff."""
+    backoff = RETRY_BACKOFF * (2**attempt)
+    if resp is None:
+        return backoff
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return backoff
+    try:
+        wait = float(value)
+    except ValueError:
+        try:
+            wait = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return backoff
+    return max(0.0, min(wait, MAX_RETRY_AFTER))
+
+
+@dataclass
+class _Auth:
+    """Headers that may only go to one origin (dropped on a cross-host redirect)."""
+
+    headers: dict[str, str]
+    origin: tuple[str, str, int | None] | None
+
+
+def _status_error(resp: requests.Response, ctx: _Context, *, auth_hint: str, not_found: str = "") -> WeightsError:
+    code = resp.status_code
+    got = f"HTTP {code}"
+    if code in (401, 403):
+        return _err(AuthRequiredError, ctx.input_name, f"{ctx.display} refused access", expected="the file", got=got,
+                    hint=auth_hint or "Check that the link is public.")
+    if code in (404, 410):
+        return _err(NotFoundError, ctx.input_name, f"{ctx.display} was not found", expected="an existing file", got=got,
+                    hint=not_found or "Check the link.")
+    if code in RETRY_STATUS:
+        return _err(NetworkError, ctx.input_name, f"{ctx.display} kept failing", expected="a successful download",
+                    got=f"{got} after {MAX_RETRIES + 1} attempts", hint="The source seems down; try again later.")
+    return _err(NetworkError, ctx.input_name, f"{ctx.display} answered with an error", expected="HTTP 200", got=got)
+
+
+def _open(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, extra: Mapping[str, str] | None = None,
+          auth_hint: str = "", not_found: str = "", method: str = "GET", follow: bool = True) -> requests.Response:
+    """One request with retries (408/429/5xx, connection errors, Retry-After) and manual, bounded redirects.
+
+    Redirects are followed here rather than by requests so that http(s) is enforced on every hop and the auth
+    headers are only sent to the origin they belong to (CivitAI redirects to a pre-signed storage URL).
+    Returns a streaming response with a 2xx status (or the redirect itself when follow=False).
+    """
+    attempt = 0
+    hops = 0
+    while True:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise _err(InvalidReferenceError, ctx.input_name, f"{ctx.display} redirected to a non-http URL",
+                       expected="http(s)", got=f"{scheme}:")
+        headers = {"User-Agent": USER_AGENT, **(extra or {})}
+        if auth.origin is not None and _origin(url) == auth.origin:
+            headers.update(auth.headers)
+        try:
+            resp = session.request(method, url, headers=headers, stream=True, allow_redirects=False,
+                                   timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        except (requests.ConnectionError, requests.Timeout) as err:
+            if attempt >= MAX_RETRIES:
+                raise _err(NetworkError, ctx.input_name, f"could not reach {ctx.display}", expected="a response",
+                           got=f"{type(err).__name__} after {attempt + 1} attempts", hint="Check the link or try again later.") from _scrub(err, ctx.secrets)
+            time.sleep(_retry_after(None, attempt))
+            attempt += 1
+            continue
+        except requests.RequestException as err:
+            raise _err(NetworkError, ctx.input_name, f"request to {ctx.display} failed", expected="a response",
+                       got=type(err).__name__) from _scrub(err, ctx.secrets)
+        if resp.is_redirect and follow:
+            resp.close()
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise _err(NetworkError, ctx.input_name, f"{ctx.display} redirected too often", expected=f"at most {MAX_REDIRECTS} redirects", got=f"{hops}")
+            url = urljoin(url, resp.headers.get("Location", ""))
+            query = urlsplit(url).query
+            if query and query not in ctx.secrets:
+                ctx.secrets = ctx.secrets + (query,)  # a pre-signed location: keep it out of error causes
+            if "login" in urlsplit(url).path.lower() or "signin" in urlsplit(url).path.lower():
+                raise _err(AuthRequiredError, ctx.input_name, f"{ctx.display} redirected to a login page", expected="the file",
+                           got="a login redirect", hint=auth_hint or "The file is not public.")
+            continue
+        if resp.status_code in RETRY_STATUS and attempt < MAX_RETRIES:
+            wait = _retry_after(resp, attempt)
+            resp.close()
+            logger.info("%s: HTTP %s, retrying in %.2fs", ctx.display, resp.status_code, wait)
+            time.sleep(wait)
+            attempt += 1
+            continue
+        if resp.status_code >= 400:
+            resp.close()
+            raise _status_error(resp, ctx, auth_hint=auth_hint, not_found=not_found)
+        return resp
+
+
+def _json(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, auth_hint: str = "", not_found: str = "") -> Any:
+    resp = _open(session, url, ctx, auth, extra={"Accept": "application/json"}, auth_hint=auth_hint, not_found=not_found)
+    try:
+        return resp.json()
+    except ValueError as err:
+        raise _err(NetworkError, ctx.input_name, f"{ctx.display}: the API answered with something that is not JSON",
+                   expected="JSON", got=resp.headers.get("Content-Type", "no content type")) from None
+    finally:
+        resp.close()
+
+
+def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Context, auth: _Auth, *, auth_hint: str = "",
+                   not_found: str = "", max_bytes: int | None = None) -> None:
+    """Stream `url` to `dest`, resuming with Range after a dropped connection, enforcing the size cap early."""
+    cap = max_bytes or ctx.max_bytes
+    attempt = 0
+    with dest.open("wb") as out:
+        total: int | None = None
+        while True:
+            have = out.tell()
+            extra = {"Accept-Encoding": "identity"}
+            if have:
+                extra["Range"] = f"bytes={have}-"
+            resp = _open(session, url, ctx, auth, extra=extra, auth_hint=auth_hint, not_found=not_found)
+            try:
+                if have and resp.status_code != 206:
+                    out.seek(0)  # the server ignored Range: start over
+                    out.truncate()
+                    have = 0
+                ctype = resp.headers.get("Content-Type", "").lower()
+                if ctype.startswith("text/html"):
+                    raise _not_safetensors(ctx, "an HTML/XML page (often a login or error page)", auth_hint)
+                length = resp.headers.get("Content-Length")
+                if length is not None and length.isdigit():
+                    total = have + int(length)
+                    if total > cap:
+                        raise _too_large(ctx, total)
+                try:
+                    for block in resp.iter_content(CHUNK):
+                        out.write(block)
+                        if out.tell() > cap:
+                            raise _too_large(ctx, out.tell())
+                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                    if attempt >= MAX_RETRIES:
+                        raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} kept breaking off",
+                                   expected=f"{total or '?'} bytes", got=f"{out.tell()} bytes") from _scrub(err, ctx.secrets)
+                    attempt += 1
+                    time.sleep(_retry_after(None, attempt - 1))
+                    continue
+            finally:
+                resp.close()
+            if total is not None and out.tell() < total:
+                if attempt >= MAX_RETRIES:
+                    raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} was cut short",
+                               expected=f"{total} bytes", got=f"{out.tell()} bytes", hint="Try again later.")
+                attempt += 1
+                time.sleep(_retry_after(None, attempt - 1))
+                continue
+            return
+
+
+# ------------------------------------------------------------------------------------------------- pget
+PGET_MIN_BYTES = int(os.environ.get("LORA_PGET_MIN_BYTES", str(64 * MiB)))  # below this the Python path is as fast
+PGET_TIMEOUT = 30 * 60.0
+
+
+def _pget(url: str, dest: Path, ctx: _Context) -> bool:
+    """Download with pget when it is on PATH.  Returns False (caller falls back to Python) when pget fails.
+
+    Only used for URLs that need no auth header: the URL (maybe pre-signed) is in pget's argv, never in logs.
+    """
+    exe = shutil.which("pget")
+    if not exe:
+        return False
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([exe, url, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=PGET_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning("%s: pget failed (%s); using the Python downloader", ctx.display, type(err).__name__)
+        dest.unlink(missing_ok=True)
+        return False
+    if proc.returncode != 0 or not dest.is_file():
+        logger.warning("%s: pget exited with %s; using the Python downloader", ctx.display, proc.returncode)
+        dest.unlink(missing_ok=True)
+        return False
+    logger.debug("%s: pget took %.1fs", ctx.display, time.monotonic() - started)
+    return True
+
+
+def _download_url(session: requests.Session, url: str, dest: Path, ctx: _Context, auth: _Auth, *, size_hint: int | None,
+                  auth_hint: str = "", not_found: str = "", cap: int | None = None) -> None:
+    """pget for large files when possible, the Python path otherwise (and as the fallback)."""
+    cap = cap or ctx.max_bytes
+    if size_hint is not None and size_hint > cap:
+        raise _too_large(ctx, size_hint)
+    big = size_hint is None or size_hint >= PGET_MIN_BYTES
+    if big and shutil.which("pget"):
+        target = url
+        if auth.headers and auth.origin is not None:
+            # Resolve the authenticated hop ourselves; pget then fetches the pre-signed location without headers.
+            resp = _open(session, url, ctx, auth, follow=False, auth_hint=auth_hint, not_found=not_found, method="GET")
+            resp.close()
+            target = urljoin(url, resp.headers["Location"]) if resp.is_redirect else None
+            if target and _origin(target) == auth.origin:
+                target = None  # would need the header again
+        if target and _pget(target, dest, ctx):
+            if dest.stat().st_size > cap:
+                raise _too_large(ctx, dest.stat().st_size)
+            return
+    _http_download(session, url, dest, ctx, auth, auth_hint=auth_hint, not_found=not_found, max_bytes=cap)
+
+
+# -------------------------------------------------------------------------------------------- tar files
+def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[bool, dict]:
+    """Safely pull lora.safetensors (+ embeddings.pti, special_params.json) out of a trainer tar into `folder`.
+
+    Only regular files are read, by name, never extracted as given: absolute paths, `..`, links and devices
+    can't escape the folder.  Flux-style tars with exactly one .safetensors are accepted too.
+    """
+    try:
+        tf = tarfile.open(tar_path, "r:*")
+    except tarfile.TarError as err:
+        with tar_path.open("rb") as f:
+            what = _describe_body(f.read(16))
+        raise _not_safetensors(ctx, f"not a tar archive ({what})", "") from err
+    with tf:
+        members = [m for m in tf.getmembers() if m.isfile()]
+
+        def safe(m: tarfile.TarInfo) -> bool:
+            parts = Path(m.name).parts
+            return not m.name.startswith("/") and ".." not in parts
+
+        by_base: dict[str, list[tarfile.TarInfo]] = {}
+        for m in members:
+            if safe(m):
+                by_base.setdefault(Path(m.name).name, []).append(m)
+        weights = by_base.get("lora.safetensors") or [m for m in members if safe(m) and m.name.endswith(".safetensors")]
+        if len(weights) != 1:
+            names = sorted(m.name for m in members if m.name.endswith(".safetensors"))[:10]
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: can't tell which file in the tar is the LoRA",
+                       expected="lora.safetensors or a single .safetensors", got=", ".join(names) or "no .safetensors file")
+
+        def copy(m: tarfile.TarInfo, name: str, cap: int) -> None:
+            if m.size > cap:
+                raise _too_large(ctx, m.size)
+            src = tf.extractfile(m)
+            assert src is not None
+            with src, (folder / name).open("wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+
+        copy(weights[0], LORA_FILE_NAME, ctx.max_bytes)
+        has_emb = False
+        params: dict = {}
+        if by_base.get("embeddings.pti"):
+            copy(by_base["embeddings.pti"][0], "embeddings.pti", MAX_SIDE_FILE_BYTES)
+            has_emb = True
+        if by_base.get("special_params.json"):
+            copy(by_base["special_params.json"][0], "special_params.json", MAX_SIDE_FILE_BYTES)
+            try:
+                loaded = json.loads((folder / "special_params.json").read_text("utf-8"))
+                params = loaded if isinstance(loaded, dict) else {}
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                logger.warning("%s: special_params.json is not valid JSON; ignored", ctx.display)
+    return has_emb, params
+
+
+# ------------------------------------------------------------------------------------------------- sources
+_HF_TOKEN_HINT = "If the repo is private or gated, accept its terms on Hugging Face and pass hf_api_token."
+_CIVITAI_TOKEN_HINT = "This CivitAI model needs a token: pass civitai_api_token (CivitAI > Account settings > API keys)."
+_REPLICATE_TOKEN_HINT = "If the Replicate model is private, set REPLICATE_API_TOKEN."
+
+
+def _hf_error(err: Exception, ctx: _Context, ref: WeightsRef) -> WeightsError:
+    """Map huggingface_hub's exceptions onto ours."""
+    from huggingface_hub import errors as hf_errors
+
+    resp = getattr(err, "response", None)
+    code = getattr(resp, "status_code", None)
+    got = f"HTTP {code}" if code else type(err).__name__
+    if isinstance(err, hf_errors.GatedRepoError):
+        return _err(AuthRequiredError, ctx.input_name, f"{ctx.display} is a gated repo", expected="access to the repo", got=got,
+                    hint="Accept the model's terms on Hugging Face, then pass hf_api_token.")
+    if isinstance(err, hf_errors.RepositoryNotFoundError):
+        if code == 401 and not ctx.tokens.hf:
+            return _err(AuthRequiredError, ctx.input_name, f"{ctx.display} needs a Hugging Face token (or does not exist)",
+                        expected="a public repo or hf_api_token", got=got, hint="Pass hf_api_token if the repo is private.")
+        return _err(NotFoundError, ctx.input_name, f"Hugging Face repo {ref.repo} was not found", expected="an existing repo",
+                    got=got, hint=_HF_TOKEN_HINT)
+    if isinstance(err, hf_errors.RevisionNotFoundError):
+        return _err(NotFoundError, ctx.input_name, f"revision {ref.revision!r} of {ref.repo} was not found",
+                    expected="a branch, tag or commit of the repo", got=got)
+    if isinstance(err, (hf_errors.RemoteEntryNotFoundError, hf_errors.EntryNotFoundError)):
+        return _err(NotFoundError, ctx.input_name, f"{ctx.display} was not found in the repo", expected="an existing file", got=got)
+    if code in (401, 403):
+        return _err(AuthRequiredError, ctx.input_name, f"{ctx.display} refused access", expected="the file", got=got, hint=_HF_TOKEN_HINT)
+    if code == 404:
+        return _err(NotFoundError, ctx.input_name, f"{ctx.display} was not found", expected="an existing file", got=got)
+    return _err(NetworkError, ctx.input_name, f"could not download {ctx.display} from Hugging Face", expected="a response",
+                got=got, hint="Try again later.")
+
+
+@contextlib.contextmanager
+def _hf_catch(ctx: _Context, ref: WeightsRef) -> Iterator[None]:
+    """Turn huggingface_hub / httpx2 failures into our errors (keeping the cause)."""
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError,
+            hf_errors.FileMetadataError, httpx2.HTTPError) as err:
+        raise _hf_error(err, ctx, ref) from _scrub(err, ctx.secrets)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A resolved reference: the cache key and how to produce the file."""
+
+    ref: WeightsRef  # resolved
+    produce: Callable[[Path, requests.Session, _Context], _Staged]  # writes into a temp folder
+
+
+def _pick_hf_file(files: list, ref: WeightsRef, ctx: _Context):
+    prefix = (ref.path + "/") if ref.path else ""
+    in_scope = [f for f in files if f.path.startswith(prefix)]
+    cands = [f for f in in_scope if f.path.endswith(".safetensors") and not any(p in f.path.lower() for p in HF_SKIP_PARTS)]
+    preferred = [f for f in cands if f.path.rsplit("/", 1)[-1] == HF_PREFERRED]
+    if preferred:
+        return min(preferred, key=lambda f: f.path.count("/"))  # top-most wins over a copy in a subfolder
+    if len(cands) == 1:
+        return cands[0]
+    where = f"{ref.repo}" + (f"/{ref.path}" if ref.path else "")
+    if not cands:
+        raise _err(NotFoundError, ctx.input_name, f"no .safetensors file in Hugging Face repo {where}",
+                   expected="a .safetensors LoRA", got=f"{len(in_scope)} other files")
+    names = ", ".join(sorted(f.path for f in cands)[:12])
+    raise _err(InvalidReferenceError, ctx.input_name, f"Hugging Face repo {where} has several .safetensors files",
+               expected=f"one file, or {HF_PREFERRED}", got=names,
+               hint=f"Name the file, e.g. hf://{ref.repo}@{ref.revision}/{sorted(f.path for f in cands)[0]}.")
+
+
+def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
+    """Pin the revision to a commit and the file to one path (2 API calls), so the cache key is immutable."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    endpoint = _hf_endpoint()
+    api = HfApi(endpoint=endpoint)
+    token = ctx.tokens.hf or False  # False: never fall back to a global login
+    with _hf_catch(ctx, ref):
+        sha = ref.revision if _COMMIT_RE.fullmatch(ref.revision or "") else api.model_info(ref.repo, revision=ref.revision, token=token).sha
+        files = [f for f in api.list_repo_tree(ref.repo, recursive=True, revision=sha, token=token) if isinstance(f, RepoFile)]
+    if ref.path_is_dir:
+        chosen = _pick_hf_file(files, ref, ctx)
+    else:
+        chosen = next((f for f in files if f.path == ref.path), None)
+        if chosen is None:
+            raise _err(NotFoundError, ctx.input_name, f"{ref.path} is not in Hugging Face repo {ref.repo}@{ref.revision}",
+                       expected="an existing file", got="no such path",
+                       hint="Files there: " + ", ".join(sorted(f.path for f in files if f.path.endswith(".safetensors"))[:10]))
+    resolved = dataclasses.replace(ref, canonical_id=f"hf:{ref.repo}@{sha}:{chosen.path}", revision=sha, path=chosen.path,
+                                   path_is_dir=False, display=f"hf://{ref.repo}@{ref.revision}/{chosen.path}")
+    lfs_sha = chosen.lfs.sha256 if getattr(chosen, "lfs", None) else None
+    size = chosen.lfs.size if getattr(chosen, "lfs", None) else chosen.size
+
+    def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
+        from huggingface_hub import hf_hub_download
+
+        if size > c.max_bytes:
+            raise _too_large(c, size)
+        dest = tmp / LORA_FILE_NAME
+        url = f"{endpoint}/{ref.repo}/resolve/{sha}/{quote(chosen.path)}"
+        if not ctx.tokens.hf and size >= PGET_MIN_BYTES and shutil.which("pget") and _pget(url, dest, c):
+            pass
+        else:
+            with _hf_catch(c, resolved):
+                got = hf_hub_download(ref.repo, chosen.path, revision=sha, local_dir=tmp / "hf", token=token,
+                                      endpoint=endpoint, etag_timeout=CONNECT_TIMEOUT)
+            os.replace(got, dest)
+            shutil.rmtree(tmp / "hf", ignore_errors=True)
+        if lfs_sha is None and _git_blob_sha1(dest) != chosen.blob_id:
+            raise _err(ChecksumError, c.input_name, f"the file from {c.display} failed its checksum",
+                       expected=f"git blob {chosen.blob_id[:12]}", got="different bytes", hint="Try again.")
+        digest = _verify_lora(dest, c, expected_sha256=lfs_sha)
+        return _Staged(tmp, digest, dest.stat().st_size)
+
+    return _Plan(resolved, produce)
+
+
+def _is_sdxl_family(base_model: str | None) -> bool:
+    b = (base_model or "").strip().lower()
+    return any(b.startswith(p) for p in SDXL_FAMILY)
+
+
+def _civitai_auth(ctx: _Context) -> _Auth:
+    if not ctx.tokens.civitai:
+        return _Auth({}, None)
+    return _Auth({"Authorization": f"Bearer {ctx.tokens.civitai}"}, _origin(_civitai_base()))
+
+
+def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) -> _Plan:
+    base = _civitai_base()
+    auth = _civitai_auth(ctx)
+    version_id = ref.version_id
+    if version_id is None:
+        # A model id is never a version id: ask for the model's newest published version.
+        model = _json(session, f"{base}/api/v1/models/{ref.model_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
+                      not_found=f"No CivitAI model {ref.model_id}; copy the link from the model page.")
+        mtype = str(model.get("type", "")).lower()
+        if mtype and mtype not in CIVITAI_LORA_TYPES:
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a LoRA", expected="a LoRA/LyCORIS model",
+                       got=f"a {model.get('type')} model", hint="Pick a LoRA, not a checkpoint or embedding.")
+        versions = [v for v in model.get("modelVersions") or [] if v.get("status", "Published") == "Published"]
+        if not versions:
+            raise _err(NotFoundError, ctx.input_name, f"{ctx.display} has no published version", expected="a published version", got="none")
+        newest = max(versions, key=lambda v: (v.get("publishedAt") or "", int(v["id"])))
+        version_id = str(int(newest["id"]))
+    vctx_display = f"civitai model-version {version_id}" + (f" (model {ref.model_id})" if ref.model_id else "")
+    ctx.display = vctx_display
+    info = _json(session, f"{base}/api/v1/model-versions/{version_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
+                 not_found="No such CivitAI model version; copy the link from the model page.")
+    base_model = info.get("baseModel")
+    if not _is_sdxl_family(base_model):
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} was trained for another base model",
+                   expected="an SDXL-family LoRA (SDXL, Illustrious, NoobAI, Pony)", got=f"baseModel {base_model!r}",
+                   hint="Pick the SDXL/Illustrious version of this LoRA.")
+    files = [f for f in info.get("files") or [] if str(f.get("type", "Model")).lower() in ("model", "pruned model")]
+    safes = [f for f in files if (f.get("metadata") or {}).get("format", "SafeTensor") == "SafeTensor"]
+    if not safes:
+        formats = ", ".join(sorted({str((f.get('metadata') or {}).get('format')) for f in files})) or "no model file"
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} has no safetensors file", expected="a SafeTensor file",
+                   got=formats, hint="Pickle files are refused because loading them can run code.")
+    chosen = next((f for f in safes if f.get("primary")), safes[0])
+    expected_sha = (chosen.get("hashes") or {}).get("SHA256")
+    size_hint = int(float(chosen["sizeKB"]) * 1024) if chosen.get("sizeKB") else None
+    trained = tuple(w.strip() for w in info.get("trainedWords") or [] if isinstance(w, str) and w.strip())
+    model_id = ref.model_id or info.get("modelId")
+    resolved = WeightsRef("civitai", f"civitai:{version_id}", vctx_display, model_id=int(model_id) if model_id else None, version_id=version_id)
+    query = "" if chosen.get("primary") or len(safes) == len(files) == 1 else "?type=Model&format=SafeTensor"
+    url = f"{base}/api/download/models/{version_id}{query}"
+
+    def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
+        dest = tmp / LORA_FILE_NAME
+        hint = _CIVITAI_TOKEN_HINT if not c.tokens.civitai else "Check that your civitai_api_token is valid and may download this model."
+        _download_url(session, url, dest, c, auth, size_hint=size_hint, auth_hint=hint,
+                      not_found="The CivitAI file is gone; pick another version.")
+        digest = _verify_lora(dest, c, expected_sha256=expected_sha, auth_hint=hint)
+        return _Staged(tmp, digest, dest.stat().st_size, base_model=base_model, trigger_words=trained)
+
+    return _Plan(resolved, produce)
+
+
+def _replicate_auth(ctx: _Context) -> _Auth:
+    if not ctx.tokens.replicate:
+        return _Auth({}, None)
+    return _Auth({"Authorization": f"Bearer {ctx.tokens.replicate}"}, _origin(_replicate_api_base()))
+
+
+def _tar_producer(url: str, auth: _Auth, *, auth_hint: str, is_tar: bool = True):
+    def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
+        download = tmp / ("download.tar" if is_tar else LORA_FILE_NAME)
+        # A tar holds the LoRA plus small side files; allow a little slack over the LoRA cap.
+        cap = c.max_bytes + 2 * MAX_SIDE_FILE_BYTES if is_tar else c.max_bytes
+        _download_url(session, url, download, c, auth, size_hint=None, auth_hint=auth_hint, cap=cap)
+        if not is_tar:
+            digest = _verify_lora(download, c, auth_hint=auth_hint)
+            return _Staged(tmp, digest, download.stat().st_size)
+        has_emb, params = _extract_trainer_tar(download, tmp, c)
+        download.unlink()
+        digest = _verify_lora(tmp / LORA_FILE_NAME, c, auth_hint=auth_hint)
+        return _Staged(tmp, digest, (tmp / LORA_FILE_NAME).stat().st_size, has_embeddings=has_emb, special_params=params)
+
+    return produce
+
+
+def _resolve_replicate(ref: WeightsRef, ctx: _Context, session: requests.Session) -> _Plan:
+    """owner/model[:version] -> the trainer tar behind replicate.com/<owner>/<model>[/versions/<v>]/_weights.
+
+    With REPLICATE_API_TOKEN the latest version id comes from the models API, so the key is
+    "replicate:owner/model:<version>" and a new training is picked up.  Without a token the web `_weights` URL
+    is asked (without following) where it redirects; the key is "replicate:owner/model@<sha256 of that
+    location without query>[:16]" (each training is a new delivery URL), or its ETag when it does not redirect.
+    """
+    web = _replicate_web_base()
+    if ref.url is not None:  # replicate.delivery URL
+        return _Plan(ref, _tar_producer(ref.url, _Auth({}, None), auth_hint="", is_tar=ref.is_tar))
+    version = ref.version_id
+    if version is None and ctx.tokens.replicate:
+        info = _json(session, f"{_replicate_api_base()}/v1/models/{ref.repo}", ctx, _replicate_auth(ctx),
+                     auth_hint="Check REPLICATE_API_TOKEN.", not_found=f"No Replicate model {ref.repo}.")
+        version = ((info or {}).get("latest_version") or {}).get("id")
+        if not version:
+            raise _err(NotFoundError, ctx.input_name, f"{ctx.display} has no version yet", expected="a trained model", got="no latest_version")
+    if version:
+        resolved = _replicate_ref(ref.repo, version)
+        web_auth = _Auth({"Authorization": f"Bearer {ctx.tokens.replicate}"}, _origin(web)) if ctx.tokens.replicate else _Auth({}, None)
+        return _Plan(resolved, _tar_producer(f"{web}/{ref.repo}/versions/{version}/_weights", web_auth, auth_hint=_REPLICATE_TOKEN_HINT))
+    url = f"{web}/{ref.repo}/_weights"
+    resp = _open(session, url, ctx, _Auth({}, None), follow=False, auth_hint=_REPLICATE_TOKEN_HINT,
+                 not_found=f"No Replicate model {ref.repo} with weights; check owner/model.")
+    resp.close()
+    if resp.is_redirect:
+        loc = urljoin(url, resp.headers.get("Location", ""))
+        p = urlsplit(loc)
+        tag = hashlib.sha256(urlunsplit((p.scheme, p.netloc, p.path, "", "")).encode()).hexdigest()[:16]
+        target = loc
+    else:
+        etag = resp.headers.get("ETag", "").strip('"')
+        tag = hashlib.sha256(etag.encode()).hexdigest()[:16] if etag else "latest"
+        target = url
+    resolved = dataclasses.replace(ref, canonical_id=f"replicate:{ref.repo}@{tag}")
+    return _Plan(resolved, _tar_producer(target, _Auth({}, None), auth_hint=_REPLICATE_TOKEN_HINT))
+
+
+def _resolve_url(ref: WeightsRef, ctx: _Context) -> _Plan:
+    return _Plan(ref, _tar_producer(ref.url or ref.display, _Auth({}, None), auth_hint="", is_tar=ref.is_tar))
+
+
+def _resolve_data(ref: WeightsRef, ctx: _Context) -> _Plan:
+    def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
+        payload = _decode_data_url(ref.url or "")
+        if len(payload) > c.max_bytes:
+            raise _too_large(c, len(payload))
+        dest = tmp / LORA_FILE_NAME
+        dest.write_bytes(payload)
+        digest = _verify_lora(dest, c, expected_sha256=ref.canonical_id.split(":", 1)[1])
+        return _Staged(tmp, digest, len(payload))
+
+    return _Plan(ref, produce)
+
+
+def _resolve(ref: WeightsRef, ctx: _Context, session: requests.Session) -> _Plan:
+    resolvers = {
+        "huggingface": lambda: _resolve_hf(ref, ctx),
+        "civitai": lambda: _resolve_civitai(ref, ctx, session),
+        "replicate": lambda: _resolve_replicate(ref, ctx, session),
+        "url": lambda: _resolve_url(ref, ctx),
+        "data": lambda: _resolve_data(ref, ctx),
+    }
+    return resolvers[ref.source]()
+
+
+# --------------------------------------------------------------------------------------------------- cache
+def _default_cache_dir() -> Path:
+    if Path("/src/predict.py").exists():  # inside the Cog image
+        return Path("/src/lora-cache")
+    return Path.home() / ".cache" / "sdxl-lora-cog" / "loras"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(float(value))
+    except ValueError:
+        logger.warning("%s=%r is not a number; using %d", name, value, default)
+        return default
+
+
+@dataclass
+class _Entry:
+    key: str
+    folder: Path
+    meta: dict
+    size: int
+    last_used: float
+
+
+class LoraCache:
+    """On-disk LRU cache of verified LoRA files keyed by canonical id, safe across threads and processes."""
+
+    def __init__(self, root: Path | str, *, max_bytes: int = 20 * GiB, min_free_bytes: int = 2 * GiB, max_file_bytes: int = 2 * GiB):
+        self.root = Path(root).expanduser()
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.max_file_bytes = max_file_bytes
+        self._lock = threading.RLock()
+        self._pins: Counter[str] = Counter()
+        self._aliases: dict[str, str] = {}  # unresolved canonical id -> resolved key last fetched for it
+        self._hits = 0
+        self._misses = 0
+        for sub in ("entries", "locks", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._sweep_tmp()
+        self._index: dict[str, _Entry] = self._scan()
+
+    @classmethod
+    def from_env(cls) -> "LoraCache":
+        root = os.environ.get("LORA_CACHE_DIR") or str(_default_cache_dir())
+        return cls(root, max_bytes=_env_int("LORA_CACHE_MAX_BYTES", 20 * GiB),
+                   min_free_bytes=_env_int("LORA_CACHE_MIN_FREE_BYTES", 2 * GiB),
+                   max_file_bytes=_env_int("LORA_MAX_BYTES", 2 * GiB))
+
+    # ---- index
+    @staticmethod
+    def key_name(canonical_id: str) -> str:
+        """File-system name of a key: a hash, so nothing from the user's text becomes a path."""
+        return hashlib.sha256(canonical_id.encode()).hexdigest()[:32]
+
+    def _scan(self) -> dict[str, _Entry]:
+        """Rebuild the index from the sidecars on disk (after a restart, or when another process changed it)."""
+        index: dict[str, _Entry] = {}
+        for folder in (self.root / "entries").iterdir():
+            meta_path = folder / "meta.json"
+            try:
+                meta = json.loads(meta_path.read_text("utf-8"))
+                if not (folder / LORA_FILE_NAME).is_file() or self.key_name(meta["canonical_id"]) != folder.name:
+                    raise ValueError("inconsistent entry")
+                size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+                index[meta["canonical_id"]] = _Entry(meta["canonical_id"], folder, meta, size, meta_path.stat().st_mtime)
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.warning("lora cache: removing unreadable entry %s", folder.name)
+                self._remove_folder(folder)
+        return index
+
+    def _sweep_tmp(self) -> None:
+        """Remove temp folders left by a killed process (older than an hour, so live downloads are spared)."""
+        now = time.time()
+        for p in (self.root / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > 3600:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+    def _remove_folder(self, folder: Path) -> None:
+        # Rename first so a half-deleted entry is never seen as an entry.
+        doomed = self.root / "tmp" / f"del-{uuid.uuid4().hex}"
+        with contextlib.suppress(OSError):
+            os.replace(folder, doomed)
+            folder = doomed
+        shutil.rmtree(folder, ignore_errors=True)
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            return {"hits": self._hits, "misses": self._misses, "bytes": sum(e.size for e in self._index.values()),
+                    "entries": len(self._index)}
+
+    def _lookup(self, key: str) -> _Entry | None:
+        entry = self._index.get(key)
+        if entry is None:
+            folder = self.root / "entries" / self.key_name(key)
+            if (folder / "meta.json").is_file():  # installed by another process since our scan
+                self._index.update({k: e for k, e in self._scan().items() if k == key})
+                entry = self._index.get(key)
+        if entry is not None and not (entry.folder / LORA_FILE_NAME).is_file():
+            self._index.pop(key, None)  # evicted by another process
+            return None
+        return entry
+
+    def _touch(self, entry: _Entry) -> None:
+        entry.last_used = time.time()
+        with contextlib.suppress(OSError):
+            os.utime(entry.folder / "meta.json", (entry.last_used, entry.last_used))
+
+    def _make_room(self, incoming: int, ctx: _Context) -> None:
+        """Evict least recently used, unpinned entries until the byte cap and the free-disk floor hold."""
+        with self._lock:
+            def over() -> bool:
+                used = sum(e.size for e in self._index.values())
+                free = shutil.disk_usage(self.root).free
+                return used + incoming > self.max_bytes or free - incoming < self.min_free_bytes
+
+            for entry in sorted(self._index.values(), key=lambda e: e.last_used):
+                if not over():
+                    break
+                if self._pins[entry.key]:
+                    continue
+                logger.info("lora cache: evicting %s (%d bytes)", entry.meta.get("display", entry.folder.name), entry.size)
+                self._index.pop(entry.key, None)
+                self._remove_folder(entry.folder)
+            if shutil.disk_usage(self.root).free - incoming < self.min_free_bytes:
+                raise _err(TooLargeError, ctx.input_name, f"not enough disk space for {ctx.display}",
+                           expected=f"{(incoming + self.min_free_bytes) / MiB:.0f} MiB free (LORA_CACHE_MIN_FREE_BYTES)",
+                           got=f"{shutil.disk_usage(self.root).free / MiB:.0f} MiB free")
+
+    def _lora_file(self, ref: WeightsRef, entry: _Entry) -> LoraFile:
+        m = entry.meta
+        emb = entry.folder / "embeddings.pti"
+        return LoraFile(ref=ref, path=entry.folder / LORA_FILE_NAME, sha256=m["sha256"], size=m["size"],
+                        base_model=m.get("base_model"), trigger_words=tuple(m.get("trigger_words") or ()),
+                        embeddings_path=emb if emb.is_file() else None, special_params=dict(m.get("special_params") or {}))
+
+    def _install(self, plan: _Plan, staged: _Staged, ctx: _Context, *, asked: WeightsRef) -> _Entry:
+        """Rename the staged folder into place (atomic) and pin it in the same breath, so no eviction sneaks in."""
+        meta = {"canonical_id": plan.ref.canonical_id, "display": plan.ref.display, "source": plan.ref.source,
+                "sha256": staged.sha256, "size": staged.size, "base_model": staged.base_model,
+                "trigger_words": list(staged.trigger_words), "special_params": staged.special_params,
+                "fetched_at": time.time()}
+        (staged.folder / "meta.json").write_text(json.dumps(meta, indent=1), "utf-8")
+        total = sum(p.stat().st_size for p in staged.folder.iterdir() if p.is_file())
+        self._make_room(total, ctx)
+        target = self.root / "entries" / self.key_name(plan.ref.canonical_id)
+        try:
+            os.rename(staged.folder, target)  # atomic; fails if another process installed it first
+        except OSError:
+            if not (target / "meta.json").is_file():
+                raise
+        with self._lock:
+            entry = self._scan_one(target)
+            self._index[entry.key] = entry
+            self._misses += 1
+            self._pin(asked, entry.key)
+            self._touch(entry)
+        return entry
+
+    def _scan_one(self, folder: Path) -> _Entry:
+        meta = json.loads((folder / "meta.json").read_text("utf-8"))
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        return _Entry(meta["canonical_id"], folder, meta, size, time.time())
+
+    # ---- public
+    def fetch(self, ref: WeightsRef, tokens: Tokens | None = None, *, input_name: str = "lora_weights") -> LoraFile:
+        """The verified file for `ref`: from the cache, or downloaded, verified and installed.  Pins the entry."""
+        started = time.monotonic()
+        try:
+            return self._fetch(ref, tokens or Tokens(), input_name, started)
+        except WeightsError as err:
+            logger.warning("lora %s (%s): failed with %s after %.2fs", ref.display, ref.source, type(err).__name__,
+                           time.monotonic() - started)
+            raise
+
+    def _fetch(self, ref: WeightsRef, tokens: Tokens, input_name: str, started: float) -> LoraFile:
+        url_parts = urlsplit(ref.url) if ref.url and ref.source != "data" else None
+        secrets = tokens.secrets() + tuple(s for s in (url_parts.query, url_parts.password) if s) if url_parts else tokens.secrets()
+        ctx = _Context(input_name, ref.display, tokens, self.max_file_bytes, secrets)
+        with requests.Session() as session:
+            session.trust_env = True
+            # A resolved ref (immutable version/commit, URL, data) is looked up before any network call.
+            plan = None if ref.resolved else _resolve(ref, ctx, session)
+            key = ref.canonical_id if plan is None else plan.ref.canonical_id
+            with self._lock:
+                entry = self._lookup(key)
+                if entry is not None:
+                    return self._hit(plan.ref if plan else ref, key, entry, started, ref)
+            if plan is None:
+                plan = _resolve(ref, ctx, session)
+            lock = self._file_lock(key)
+            with lock:
+                with self._lock:
+                    entry = self._lookup(key)  # another process may have finished while we waited
+                    if entry is not None:
+                        return self._hit(plan.ref, key, entry, started, ref)
+                self._make_room(0, ctx)  # fail early when the disk is already below the floor
+                tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=self.root / "tmp"))
+                try:
+                    staged = plan.produce(tmp, session, ctx)
+                    entry = self._install(plan, staged, ctx, asked=ref)
+                except OSError as err:
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise _err(TooLargeError, input_name, f"the disk filled up while fetching {ref.display}",
+                               expected="free space for the file", got="no space left on device",
+                               hint="Lower LORA_CACHE_MAX_BYTES or free disk space.") from err
+                finally:
+                    # Runs on errors and on cancellation (a BaseException) alike: no partial file survives.
+                    shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("lora %s (%s): miss, %d bytes in %.2fs", plan.ref.display, ref.source, entry.meta["size"], time.monotonic() - started)
+        return self._lora_file(plan.ref, entry)
+
+    def _hit(self, ref: WeightsRef, key: str, entry: _Entry, started: float, asked: WeightsRef | None = None) -> LoraFile:
+        self._hits += 1
+        self._pin(asked or ref, key)
+        self._touch(entry)
+        logger.info("lora %s (%s): hit, %d bytes in %.2fs", ref.display, ref.source, entry.meta["size"], time.monotonic() - started)
+        return self._lora_file(ref, entry)
+
+    def _pin(self, ref: WeightsRef, key: str) -> None:
+        self._pins[key] += 1
+        if ref.canonical_id != key:
+            self._aliases[ref.canonical_id] = key
+
+    def _file_lock(self, key: str):
+        try:
+            from filelock import FileLock, Timeout
+        except ImportError:  # correctness never depends on the lock
+            return contextlib.nullcontext()
+
+        lock = FileLock(str(self.root / "locks" / f"{self.key_name(key)}.lock"), timeout=15 * 60)
+
+        @contextlib.contextmanager
+        def guarded() -> Iterator[None]:
+            try:
+                lock.acquire()
+            except Timeout:
+                logger.warning("lora cache: lock wait timed out; downloading anyway")
+                yield
+                return
+            try:
+                yield
+            finally:
+                lock.release()
+
+        return guarded()
+
+    def release(self, ref: WeightsRef) -> None:
+        """Unpin what `fetch(ref)` pinned (accepts the ref passed to fetch or LoraFile.ref)."""
+        with self._lock:
+            key = self._aliases.get(ref.canonical_id, ref.canonical_id)
+            if self._pins[key] > 0:
+                self._pins[key] -= 1
+            if self._pins[key] <= 0:
+                self._pins.pop(key, None)
+
+    def clear(self) -> None:
+        """Remove every unpinned entry."""
+        with self._lock:
+            for key, entry in list(self._index.items()):
+                if not self._pins[key]:
+                    self._index.pop(key)
+                    self._remove_folder(entry.folder)
+
+
+def fetch_lora(text: str, tokens: Tokens | None = None, *, input_name: str = "lora_weights", cache: LoraCache | None = None) -> LoraFile:
+    """Convenience: parse + fetch with a cache from the environment."""
+    cache = cache or LoraCache.from_env()
+    return cache.fetch(parse_lora_ref(text, input_name=input_name), tokens or Tokens.from_inputs(), input_name=input_name)
