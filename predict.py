@@ -6,19 +6,23 @@ merging in lora.py and prompt encoding in prompts.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Optional
 
 import torch
 from cog import BasePredictor, Input, Path, Secret
 
+import lora
+import prompts
 import utils
+import weights
 
 logger = logging.getLogger("predict")
 
@@ -26,6 +30,7 @@ logger = logging.getLogger("predict")
 ASPECT_RATIO_CHOICES = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"]
 MEGAPIXEL_CHOICES = ["1", "0.25"]
 OUTPUT_FORMAT_CHOICES = ["webp", "jpg", "png"]
+HIRES_UPSCALER_CHOICES = ["latent", "lanczos"]
 SCHEDULER_CHOICES = [
     "default",
     "Euler a",
@@ -42,9 +47,18 @@ SCHEDULER_CHOICES = [
     "DPM2 a",
 ]
 MAX_SEED = 2**32 - 1
+# A1111 UI syntax for LoRAs inside the prompt: we cannot resolve names, and ignoring them would be silent.
+LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
+class LoraInput:
+    input_name: str  # lora_weights | extra_lora
+    ref: weights.WeightsRef
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """Everything predict() needs, validated and resolved before any download or GPU work."""
 
@@ -60,6 +74,14 @@ class Request:
     steps: int
     guidance: float
     scheduler: str
+    clip_skip: int
+    guidance_rescale: float
+    loras: tuple[LoraInput, ...]
+    hires_size: Optional[tuple[int, int]]  # second-pass size, None when hires fix is off
+    hires_upscaler: str
+    hires_strength: float
+    hires_steps: int
+    embed_metadata: bool
     num_outputs: int
     output_format: str
     output_quality: int
@@ -81,6 +103,18 @@ def check_inputs(
     num_inference_steps: int,
     guidance: Optional[float],
     scheduler: str,
+    clip_skip: int,
+    guidance_rescale: float,
+    quality_tags: bool,
+    lora_weights: Optional[str],
+    lora_scale: float,
+    extra_lora: Optional[str],
+    extra_lora_scale: float,
+    hires_scale: float = 1.0,
+    hires_upscaler: str = "latent",
+    hires_strength: float = 0.5,
+    hires_steps: Optional[int] = None,
+    embed_metadata: bool = True,
     output_format: str,
     output_quality: int,
     disable_safety_checker: bool,
@@ -103,6 +137,25 @@ def check_inputs(
     expect(0 <= output_quality <= 100, f"output_quality: expected 0 to 100, got {output_quality}")
     expect(guidance is None or 0.0 <= guidance <= 10.0, f"guidance: expected 0 to 10, got {guidance}")
     expect(mask is None or image is not None, "mask: inpainting needs an image as well; got a mask without an image")
+    expect(1 <= clip_skip <= 12, f"clip_skip: expected 1 to 12, got {clip_skip}")
+    expect(0.0 <= guidance_rescale <= 1.0, f"guidance_rescale: expected 0 to 1, got {guidance_rescale}")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
+        tag = LORA_TAG.search(text)
+        expect(tag is None, f"{name}: A1111 LoRA tags like {tag.group(0) if tag else ''} are not read from the "
+               "prompt; pass the LoRA in lora_weights / extra_lora instead")
+    loras = parse_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale)
+    expect(1.0 <= hires_scale <= 2.0, f"hires_scale: expected 1 (off) to 2, got {hires_scale}")
+    expect(hires_upscaler in HIRES_UPSCALER_CHOICES,
+           f"hires_upscaler: expected one of {HIRES_UPSCALER_CHOICES}, got {hires_upscaler!r}")
+    expect(0.0 < hires_strength <= 1.0, f"hires_strength: expected above 0 and at most 1, got {hires_strength}")
+    expect(hires_steps is None or 1 <= hires_steps <= 50, f"hires_steps: expected 1 to 50, got {hires_steps}")
+    hires_steps = num_inference_steps if hires_steps is None else hires_steps
+    if hires_scale > 1.0:
+        expect(mask is None, "hires_scale: the hires fix works for text-to-image and img2img, not inpainting; "
+               "got a mask")
+        expect(int(hires_steps * hires_strength) >= 1,
+               f"hires_strength: with hires_steps={hires_steps} a strength of {hires_strength} runs no step; "
+               "expected hires_steps x hires_strength >= 1")
     if aspect_ratio != "custom":
         expect(width is None and height is None,
                f'width/height: only used with aspect_ratio "custom", got aspect_ratio {aspect_ratio!r} '
@@ -128,7 +181,14 @@ def check_inputs(
                f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
                "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
 
+    if quality_tags and spec.quality_tags:
+        prompt = f"{spec.quality_tags}, {prompt}"
     return Request(
+        hires_size=utils.hires_size(size[0], size[1], hires_scale) if hires_scale > 1.0 else None,
+        hires_upscaler=hires_upscaler,
+        hires_strength=float(hires_strength),
+        hires_steps=int(hires_steps),
+        embed_metadata=embed_metadata,
         spec=spec,
         mode=mode,
         prompt=prompt,
@@ -141,11 +201,29 @@ def check_inputs(
         steps=int(num_inference_steps),
         guidance=spec.guidance if guidance is None else float(guidance),
         scheduler=spec.scheduler if scheduler == "default" else scheduler,
+        clip_skip=int(clip_skip),
+        guidance_rescale=float(guidance_rescale),
+        loras=loras,
         num_outputs=int(num_outputs),
         output_format=output_format,
         output_quality=int(output_quality),
         safety_checker=not disable_safety_checker,
     )
+
+
+def parse_loras(
+    lora_weights: Optional[str], lora_scale: float, extra_lora: Optional[str], extra_lora_scale: float
+) -> tuple[LoraInput, ...]:
+    """Parse both LoRA references once (no network); an extra_lora alone works like lora_weights."""
+    loras = []
+    for name, text, scale in (("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)):
+        if text is None or not text.strip():
+            continue
+        if not -1.0 <= scale <= 3.0:
+            scale_name = "lora_scale" if name == "lora_weights" else "extra_lora_scale"
+            raise utils.InputError(f"{scale_name}: expected -1 to 3, got {scale}")
+        loras.append(LoraInput(name, weights.parse_lora_ref(text.strip(), input_name=name), float(scale)))
+    return tuple(loras)
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -162,6 +240,8 @@ class Predictor(BasePredictor):
         weights_dir = FsPath(os.environ.get("WEIGHTS_DIR") or FsPath(__file__).resolve().parent / "weights")
         device, dtype = utils.pick_device()
         self.models = utils.load_models(weights_dir, device, dtype)
+        self.mergers = {key: lora.LoraMerger(model.txt2img) for key, model in self.models.models.items()}
+        self.lora_cache = weights.LoraCache.from_env()
 
     def predict(
         self,
@@ -216,6 +296,45 @@ class Predictor(BasePredictor):
             choices=SCHEDULER_CHOICES,
             default="default",
         ),
+        clip_skip: int = Input(
+            description="CLIP layers to skip, A1111 meaning: 2 = penultimate layer (SDXL's standard, what Illustrious "
+            "and Pony ask for), 1 = last layer.",
+            default=2,
+            ge=1,
+            le=12,
+        ),
+        guidance_rescale: float = Input(
+            description="Rescales guidance to fix over-exposure (0.7 is typical for v-prediction models); 0 = off.",
+            default=0.0,
+            ge=0.0,
+            le=1.0,
+        ),
+        quality_tags: bool = Input(
+            description='Prepend the model\'s quality tags (e.g. "masterpiece, best quality, ...") to the prompt.',
+            default=False,
+        ),
+        hires_scale: float = Input(
+            description="Hires fix: upscale the first pass by this factor and refine it with a second img2img pass "
+            "(A1111's hires fix). 1 = off; 1.5 is typical.",
+            default=1.0,
+            ge=1.0,
+            le=2.0,
+        ),
+        hires_upscaler: str = Input(
+            description="Hires fix upscaler: latent (A1111's Latent, bilinear on the latents; use hires_strength "
+            ">= 0.5) or lanczos (on the decoded image).",
+            choices=HIRES_UPSCALER_CHOICES,
+            default="latent",
+        ),
+        hires_strength: float = Input(
+            description="Denoising strength of the hires fix pass.", default=0.5, ge=0.01, le=1.0
+        ),
+        hires_steps: Optional[int] = Input(
+            description="Steps of the hires fix pass (before strength, as in img2img). Blank = num_inference_steps.",
+            default=None,
+            ge=1,
+            le=50,
+        ),
         seed: Optional[int] = Input(
             description="Random seed. Leave blank (or -1) for a random one; the seed used is printed in the logs.",
             default=None,
@@ -252,6 +371,11 @@ class Predictor(BasePredictor):
             description="Use standard SDXL base 1.0 instead of Illustrious XL (for realistic content).",
             default=False,
         ),
+        embed_metadata: bool = Input(
+            description="Write the generation parameters into each file in A1111's format (PNG text / EXIF "
+            "UserComment), readable by A1111's PNG Info and CivitAI.",
+            default=True,
+        ),
     ) -> list[Path]:
         started = time.perf_counter()
         request = check_inputs(
@@ -268,23 +392,51 @@ class Predictor(BasePredictor):
             num_inference_steps=num_inference_steps,
             guidance=guidance,
             scheduler=scheduler,
+            clip_skip=clip_skip,
+            guidance_rescale=guidance_rescale,
+            quality_tags=quality_tags,
+            lora_weights=lora_weights,
+            lora_scale=lora_scale,
+            extra_lora=extra_lora,
+            extra_lora_scale=extra_lora_scale,
+            hires_scale=hires_scale,
+            hires_upscaler=hires_upscaler,
+            hires_strength=hires_strength,
+            hires_steps=hires_steps,
+            embed_metadata=embed_metadata,
             output_format=output_format,
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
             use_standard_sdxl=use_standard_sdxl,
         )
-        for name, value in (("lora_weights", lora_weights), ("extra_lora", extra_lora)):
-            if value:
-                raise utils.InputError(f"{name}: LoRAs are not supported yet by this build, got {value!r}")
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
         logger.info("validated inputs in %.3fs", time.perf_counter() - started)
 
-        images = self.generate(request, seed)
+        tokens = weights.Tokens.from_inputs(hf_api_token, civitai_api_token)
+        fetched: list[weights.LoraFile] = []
+        try:
+            phase = time.perf_counter()
+            for item in request.loras:
+                fetched.append(self.lora_cache.fetch(item.ref, tokens, input_name=item.input_name))
+            if request.loras:
+                stats = self.lora_cache.stats
+                logger.info("fetched %d LoRAs in %.2fs (cache %d hits, %d misses)", len(fetched),
+                            time.perf_counter() - phase, stats["hits"], stats["misses"])
+                self.record_metric("lora_cache_hits", stats["hits"])
+                self.record_metric("lora_cache_misses", stats["misses"])
+            self.apply_loras(request, fetched)
+            images = self.generate(request, seed)
+        finally:
+            for file in fetched:
+                self.lora_cache.release(file.ref)
+        parameters = self.parameters(request, seed, fetched) if request.embed_metadata else None
+
         if request.safety_checker:
             phase = time.perf_counter()
             flags = utils.nsfw_flags(self.models, images)
             images = utils.drop_flagged(images, flags)
+            parameters = utils.drop_flagged(parameters, flags) if parameters else None
             logger.info("safety checker: %d of %d flagged in %.3fs", sum(flags), len(flags), time.perf_counter() - phase)
             if sum(flags):
                 print(f"{sum(flags)} of {len(flags)} images were flagged by the safety checker and removed")
@@ -296,12 +448,64 @@ class Predictor(BasePredictor):
 
         phase = time.perf_counter()
         out_dir = FsPath(tempfile.mkdtemp(prefix="predict-"))
-        paths = utils.save_images(images, out_dir, request.output_format, request.output_quality)
+        paths = utils.save_images(images, out_dir, request.output_format, request.output_quality, parameters)
         logger.info("saved %d %s images in %.3fs", len(paths), request.output_format, time.perf_counter() - phase)
         self.record_metric("num_outputs", len(paths))
         self.record_metric("total_inference_steps", request.steps * request.num_outputs)
         logger.info("prediction done in %.2fs", time.perf_counter() - started)
         return [Path(p) for p in paths]
+
+    @staticmethod
+    def parameters(request: Request, seed: int, fetched: list[weights.LoraFile]) -> list[str]:
+        """Each image's A1111 infotext (its own seed); built from token-free values only."""
+        hashes = utils.lora_hashes([(file.ref.display, file.sha256) for file in fetched])
+        texts = []
+        for i in range(request.num_outputs):
+            settings = {
+                "Steps": request.steps,
+                "Sampler": request.scheduler,
+                "CFG scale": request.guidance,
+                "Seed": seed + i,
+                "Size": f"{request.width}x{request.height}",
+                "Model": request.spec.title,
+                "Denoising strength": request.strength if request.mode != "txt2img" else None,
+                "Clip skip": request.clip_skip,
+                "CFG Rescale phi": request.guidance_rescale or None,
+                "Hires upscale": (request.hires_size[0] / request.width) if request.hires_size else None,
+                "Hires steps": request.hires_steps if request.hires_size else None,
+                "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[request.hires_upscaler]
+                if request.hires_size else None,
+                "Lora hashes": hashes or None,
+                "Version": "sdxl-lora-cog",
+            }
+            if request.hires_size:
+                settings["Denoising strength"] = request.hires_strength
+            texts.append(utils.a1111_parameters(request.prompt, request.negative_prompt, settings))
+        return texts
+
+    def apply_loras(self, request: Request, fetched: list[weights.LoraFile]) -> None:
+        """Merge the requested LoRAs into the selected model (the same file twice adds its scales)."""
+        by_key: dict[str, lora.LoraRequest] = {}
+        for item, file in zip(request.loras, fetched):
+            key = file.ref.canonical_id
+            if key in by_key:
+                previous = by_key[key]
+                by_key[key] = dataclasses.replace(previous, scale=previous.scale + item.scale)
+                continue
+            by_key[key] = lora.LoraRequest(
+                key=key,
+                path=file.path,
+                scale=item.scale,
+                name=f"{item.input_name} ({file.ref.display})",
+                embeddings_path=file.embeddings_path,
+                token_map=file.special_params or {},
+            )
+            if file.trigger_words:
+                print(f"{item.input_name} trigger words: {', '.join(file.trigger_words)}")
+        report = self.mergers[request.spec.key].apply(list(by_key.values()))
+        if report.changed:
+            logger.info("applied %d LoRAs to %s (%d layers written) in %.3fs", len(by_key), request.spec.key,
+                        report.layers_written, report.seconds)
 
     def generate(self, request: Request, seed: int) -> list:
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
@@ -309,25 +513,56 @@ class Predictor(BasePredictor):
         model = self.models.models[request.spec.key]
         pipe = model.pipeline(request.mode)
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.txt2img.scheduler.config)
+        merger = self.mergers[request.spec.key]
+        # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to.
+        embeds = prompts.encode_prompts(
+            model.txt2img,
+            merger.expand_prompt(request.prompt),
+            merger.expand_prompt(request.negative_prompt),
+            clip_skip=request.clip_skip,
+            num_images_per_prompt=request.num_outputs,
+        )
+        logger.info("encoded prompts (%d chunks) in %.3fs", embeds.chunks, time.perf_counter() - phase)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_outputs)]
         kwargs = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_images_per_prompt=request.num_outputs,
+            **embeds.as_pipeline_kwargs(),
             num_inference_steps=request.steps,
             guidance_scale=request.guidance,
+            guidance_rescale=request.guidance_rescale,
             generator=generators,
-            width=request.width,
-            height=request.height,
         )
+        if request.mode != "img2img":  # img2img takes its size from the (already resized) image
+            kwargs.update(width=request.width, height=request.height)
         if request.mode != "txt2img":
             kwargs.update(image=request.init_image, strength=request.strength)
         if request.mode == "inpaint":
             kwargs.update(mask_image=request.mask_image)
-        images = pipe(**kwargs).images
+        if request.hires_size is None:
+            images = pipe(**kwargs).images
+        else:
+            images = self.hires_fix(request, model, pipe, kwargs)
+        width, height = request.hires_size or (request.width, request.height)
         logger.info(
             "generated %d %dx%d images (%s, %s, %d steps) in %.2fs",
-            len(images), request.width, request.height, request.mode, request.scheduler, request.steps,
+            len(images), width, height, request.mode, request.scheduler, request.steps,
             time.perf_counter() - phase,
         )
+        return images
+
+    @staticmethod
+    def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict) -> list:
+        """A1111's hires fix: first pass, upscale (latents or pixels), then an img2img pass at the final size."""
+        phase = time.perf_counter()
+        latent = request.hires_upscaler == "latent"
+        first = pipe(**kwargs, output_type="latent" if latent else "pil").images
+        if latent:
+            upscaled = utils.upscale_latents(first, request.hires_size)
+        else:
+            upscaled = utils.upscale_images(first, request.hires_size)
+        refine = model.img2img
+        refine.scheduler = utils.make_scheduler(request.scheduler, model.txt2img.scheduler.config)
+        second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength", "mask_image")}
+        second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps)
+        images = refine(**second).images
+        logger.info("hires fix pass to %dx%d in %.2fs", *request.hires_size, time.perf_counter() - phase)
         return images

@@ -173,10 +173,46 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 
 
 def make_scheduler(name: str, base_config):
+    """The named sampler on the model's own scheduler config, so prediction_type (epsilon or v_prediction),
+    zero-terminal-SNR rescaling and timestep spacing of the checkpoint are kept."""
+    import inspect
+
     import diffusers
 
     class_name, overrides = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+    cls = getattr(diffusers, class_name)
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        supported = [n for n, (c, _) in SCHEDULERS.items()
+                     if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c)).parameters]
+        raise InputError(
+            f"scheduler: this model is zero-terminal-SNR v-prediction, which {name!r} cannot sample; expected one "
+            f"of {supported}"
+        )
+    return cls.from_config(base_config, **overrides)
+
+
+# --- Hires fix ----------------------------------------------------------------------------------------------------
+HIRES_UPSCALERS = ("latent", "lanczos")
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Second-pass size: each side scaled and rounded to a multiple of 8, refused above MAX_SIDE."""
+    w, h = int(round(width * scale / 8)) * 8, int(round(height * scale / 8)) * 8
+    if max(w, h) > MAX_SIDE:
+        raise InputError(f"hires_scale: {width}x{height} x {scale:g} = {w}x{h}; expected at most {MAX_SIDE} per side")
+    return w, h
+
+
+def upscale_latents(latents, size: tuple[int, int]):
+    """A1111's "Latent" upscaler: bilinear interpolation of the (scaled) latents to the second-pass size / 8."""
+    import torch.nn.functional as F
+
+    width, height = size
+    return F.interpolate(latents.float(), size=(height // 8, width // 8), mode="bilinear").to(latents.dtype)
+
+
+def upscale_images(images: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    return [image.resize(size, Image.Resampling.LANCZOS) for image in images]
 
 
 # --- Device and loading -------------------------------------------------------------------------------------------
@@ -275,18 +311,82 @@ def drop_flagged(images: list[Image.Image], flags: list[bool]) -> list[Image.Ima
     return [image for image, flagged in zip(images, flags) if not flagged]
 
 
+# --- Generation parameters in the files (A1111 "parameters", read by A1111's PNG Info and CivitAI) ----------------
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
+    """A1111's infotext: the prompt, a "Negative prompt:" line, then "Key: value" pairs in A1111's key names."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    pairs = []
+    for key, value in settings.items():
+        if value is None or value == "":
+            continue
+        text = str(value)
+        if any(c in text for c in ',:"'):
+            text = '"' + text.replace('"', "'") + '"'  # A1111 quotes values that contain separators
+        pairs.append(f"{key}: {text}")
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+def lora_hashes(names_and_sha256: list[tuple[str, str]]) -> str:
+    """A1111's "Lora hashes" value: name: first 10 hex digits of the file's sha256 (CivitAI's AutoV2)."""
+    return ", ".join(f"{name.replace(':', '_').replace(',', '_')}: {sha[:10]}" for name, sha in names_and_sha256)
+
+
+def _metadata_kwargs(pil_format: str, parameters: str | None) -> dict:
+    if parameters is None:
+        return {}
+    if pil_format == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif.endian = ">"  # big-endian TIFF header, matching the UTF-16-BE comment (as A1111/piexif write it)
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    return {"exif": exif.tobytes()}
+
+
+def read_parameters(path: str | os.PathLike) -> str | None:
+    """The A1111 parameters of an output file (PNG text chunk, or EXIF UserComment in JPEG/WebP)."""
+    with Image.open(path) as image:
+        if "parameters" in image.info:
+            return image.info["parameters"]
+        exif = image.getexif()
+        comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if not comment:
+        return None
+    prefix, body = comment[:8], comment[8:]
+    if prefix == b"UNICODE\0":
+        return body.decode("utf-16-be" if exif.endian == ">" else "utf-16-le")
+    return body.decode("utf-8", errors="replace")
+
+
 # --- Output files -------------------------------------------------------------------------------------------------
 OUTPUT_FORMATS = {"webp": ("WEBP", "webp"), "jpg": ("JPEG", "jpg"), "png": ("PNG", "png")}
 
 
-def save_images(images: list[Image.Image], out_dir: Path, output_format: str, quality: int) -> list[Path]:
-    """Write out-{i}.{ext}; each file is written under a temporary name and renamed, so none is ever partial."""
+def save_images(
+    images: list[Image.Image],
+    out_dir: Path,
+    output_format: str,
+    quality: int,
+    parameters: list[str] | None = None,
+) -> list[Path]:
+    """Write out-{i}.{ext} (with image i's A1111 parameters when given); each file is written under a temporary
+    name and renamed, so none is ever partial."""
     pil_format, ext = OUTPUT_FORMATS[output_format]
     paths = []
     for i, image in enumerate(images):
         path = out_dir / f"out-{i}.{ext}"
         tmp = out_dir / f".out-{i}.{ext}.partial"
         kwargs = {} if pil_format == "PNG" else {"quality": quality}
+        kwargs.update(_metadata_kwargs(pil_format, parameters[i] if parameters else None))
         image.save(tmp, format=pil_format, **kwargs)
         os.replace(tmp, path)
         paths.append(path)

@@ -470,8 +470,9 @@ def check_safetensors(path: Path) -> dict:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
-        if size < 8 or head[:1] in (b"<", b"{", b"[", b"\x80") or head[:2] == b"PK":
+        if size < 8:
             raise ValueError(_describe_body(head))
+        # The structure decides, not the first byte: a valid header length can start with any byte (0x80, "<", ...).
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > MAX_SAFETENSORS_HEADER or n > size - 8:
             raise ValueError(_describe_body(head) if n > size else "a truncated or corrupt safetensors file (bad header length)")
@@ -479,6 +480,9 @@ def check_safetensors(path: Path) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        described = _describe_body(head)
+        if described != "a file that is not safetensors":
+            raise ValueError(described) from err
         raise ValueError("a corrupt safetensors file (header is not JSON)") from err
     if not isinstance(header, dict):
         raise ValueError("a corrupt safetensors file (header is not an object)")

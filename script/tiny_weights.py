@@ -107,23 +107,21 @@ def build_pipeline_folder(folder: Path, seed: int) -> None:
     write_tokenizer(folder / "tokenizer_2", pad_token="!")
     bos, eos = vocab_size - 2, vocab_size - 1
 
-    text_kwargs = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
+    # Different widths and depths for the two encoders, as in SDXL (768/12 layers and 1280/32 layers): a LoRA or
+    # checkpoint key sent to the wrong encoder then fails on shape instead of passing unnoticed, and text_encoder_2
+    # has the `resblocks.9` that single-file loaders look for to recognise SDXL.
+    common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     torch.manual_seed(seed)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **text_kwargs))
+    te1 = CLIPTextModel(
+        CLIPTextConfig(hidden_act="quick_gelu", hidden_size=32, intermediate_size=37, num_hidden_layers=4,
+                       num_attention_heads=4, projection_dim=32, **common)
+    )
     te1.save_pretrained(folder / "text_encoder")
     torch.manual_seed(seed + 1)
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **text_kwargs))
+    te2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_act="gelu", hidden_size=64, intermediate_size=72, num_hidden_layers=10,
+                       num_attention_heads=4, projection_dim=64, **common)
+    )
     te2.save_pretrained(folder / "text_encoder_2")
     for sub in ("text_encoder", "text_encoder_2"):
         _with_text_model_prefix(folder / sub / "model.safetensors")
@@ -139,12 +137,12 @@ def build_pipeline_folder(folder: Path, seed: int) -> None:
         layers_per_block=2,
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 2, 4),
-        cross_attention_dim=64,  # text_encoder hidden 32 + text_encoder_2 hidden 32, as 768 + 1280 in SDXL
+        cross_attention_dim=96,  # text_encoder hidden 32 + text_encoder_2 hidden 64, as 768 + 1280 in SDXL
         norm_num_groups=8,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + the pooled text embedding
+        projection_class_embeddings_input_dim=6 * 8 + 64,  # six time ids + the pooled text embedding
     )
     # Random init leaves some output projections at zero; small noise everywhere makes every layer matter,
     # so that a LoRA on any layer visibly changes the image.

@@ -63,7 +63,8 @@ def _server(weights_dir: Path, tmp_path_factory, name: str):
     from cog_server import CogServer, write_schema
 
     write_schema()
-    server = CogServer(weights_dir, tmp_path_factory.mktemp(name) / "server.log")
+    folder = tmp_path_factory.mktemp(name)
+    server = CogServer(weights_dir, folder / "server.log", {"LORA_CACHE_DIR": str(folder / "lora-cache")})
     try:
         health = server.wait_ready()
         assert health["status"] == "READY", health
@@ -83,22 +84,44 @@ def flag_all_server(flag_all_weights: Path, tmp_path_factory):
     yield from _server(flag_all_weights, tmp_path_factory, "flag-all-server")
 
 
-@pytest.fixture(scope="session")
-def predictor(tiny_weights: Path):
-    """An in-process Predictor on the tiny model (setup() run once)."""
+def make_predictor(weights_dir: Path, lora_cache_dir: Path):
+    """A Predictor set up in-process on `weights_dir`, with its own LoRA cache folder."""
     import predict
 
-    old = os.environ.get("WEIGHTS_DIR")
-    os.environ["WEIGHTS_DIR"] = str(tiny_weights)
+    saved = {name: os.environ.get(name) for name in ("WEIGHTS_DIR", "LORA_CACHE_DIR")}
+    os.environ.update(WEIGHTS_DIR=str(weights_dir), LORA_CACHE_DIR=str(lora_cache_dir))
     try:
         instance = predict.Predictor()
         instance.setup()
     finally:
-        if old is None:
-            os.environ.pop("WEIGHTS_DIR", None)
-        else:
-            os.environ["WEIGHTS_DIR"] = old
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return instance
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_weights: Path, tmp_path_factory):
+    """An in-process Predictor on the tiny model (setup() run once)."""
+    return make_predictor(tiny_weights, tmp_path_factory.mktemp("lora-cache"))
+
+
+@pytest.fixture(scope="session")
+def file_host(tmp_path_factory):
+    """A loopback HTTP server for files that tests drop into `file_host.folder`."""
+    import http.server
+    import threading
+    from functools import partial
+    from types import SimpleNamespace
+
+    folder = tmp_path_factory.mktemp("served")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(folder=folder, url=f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
 
 
 def predict_inputs(**overrides) -> dict:

@@ -117,3 +117,22 @@ def test_cpu_device_runs_in_float32():
 def test_drop_flagged_keeps_only_clean_images():
     images = [Image.new("RGB", (8, 8), c) for c in ((1, 1, 1), (2, 2, 2), (3, 3, 3))]
     assert utils.drop_flagged(images, [False, True, False]) == [images[0], images[2]]
+
+
+def test_low_prompt_strength_stays_closer_to_the_input(predictor, tmp_path):
+    import torch
+
+    source = tmp_path / "in.png"
+    Image.new("RGB", (256, 256), (30, 90, 200)).save(source)
+    # What the model can reproduce of the input: its own VAE round trip (the tiny VAE is random).
+    pipe = predictor.models.models["illustrious"].img2img
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(Image.open(source))
+        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        reference = pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="np")[0] * 255
+
+    def distance(strength: float) -> float:
+        (image,) = run(predictor, prompt="a cat", seed=1, image=source, prompt_strength=strength, num_inference_steps=20)
+        return float(np.abs(image.astype(float) - reference).mean())
+
+    assert distance(0.1) < distance(1.0)

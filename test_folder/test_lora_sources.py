@@ -390,3 +390,21 @@ def test_secrets_never_leak(civitai, files, hf_hub, weights_env, caplog):
     assert "miss" in caplog.text
     for secret in (token, sig, "SECRETHF", "SECRETR8"):
         assert secret not in blob
+
+
+@pytest.mark.parametrize("low_byte", [0x3C, 0x5B, 0x7B, 0x80])
+def test_valid_safetensors_whose_header_length_starts_like_html_json_or_pickle(tmp_path, low_byte):
+    # The header length is little-endian: its first byte can be "<", "[", "{" or 0x80 in a perfectly valid file.
+    import json as _json
+    import struct as _struct
+
+    from weights import check_safetensors
+
+    entry = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    raw = _json.dumps(entry).encode()
+    pad = (low_byte - len(raw)) % 256
+    raw += b" " * pad
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_struct.pack("<Q", len(raw)) + raw + b"\0\0\0\0")
+    assert path.read_bytes()[0] == low_byte
+    assert "w" in check_safetensors(path)
