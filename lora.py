@@ -22,7 +22,7 @@ or ``lora.down``/``lora.up``), and the old attention-processor style of Replicat
 DoRA (``dora_scale`` / ``lora_magnitude_vector``, on top of any algorithm), LyCORIS LoHa and LoKr, and full
 weight differences (``diff``). Anything else raises a clear ``LoraError``: other bases (SD1.x/SD2.x, Flux, SD3),
 full checkpoints, OFT/BOFT/GLoRA/(IA)^3, kohya ``bundle_emb.*``, keys matching no layer, shape mismatches.
-OneTrainer's ``lora_te2_text_projection*`` is ignored (debug log).
+OneTrainer's ``lora_te2_text_projection*`` is merged into text_encoder_2's projection like any layer.
 
 Replicate trainer outputs: ``embeddings.pti`` rows are appended to both token-embedding matrices and the tokens
 (``<s0>``, ``<s1>``, ...) added to copies of both tokenizers, which replace ``pipe.tokenizer``/``pipe.tokenizer_2``
@@ -222,9 +222,9 @@ _FOREIGN_MARKERS: tuple[tuple[Callable[[str], bool], str], ...] = (
 )
 
 # Keys that are harmless extras: dropped with a debug log.
-_IGNORED_KEY_RES: tuple[re.Pattern[str], ...] = (
-    re.compile(r"^lora_te2_text_projection"),  # OneTrainer; only affects the pooled projection
-)
+# (text_encoder_2's text_projection is a real layer - it shapes the pooled embedding - so OneTrainer's
+# lora_te2_text_projection is merged like any other layer, never dropped.)
+_IGNORED_KEY_RES: tuple[re.Pattern[str], ...] = ()
 
 # Cross-attention input width of LoRAs for other bases (used when the shape does not fit the live model).
 _CROSS_ATTN_DIMS = {768: "SD1.x", 1024: "SD2.x", 4096: "a T5-conditioned model (Flux/SD3)"}

@@ -66,6 +66,7 @@ class Request:
     mode: str  # txt2img | img2img | inpaint
     prompt: str
     negative_prompt: str
+    zero_negative: bool
     width: int
     height: int
     init_image: object  # PIL image or None
@@ -77,6 +78,7 @@ class Request:
     clip_skip: int
     guidance_rescale: float
     loras: tuple[LoraInput, ...]
+    hires_scale: float
     hires_size: Optional[tuple[int, int]]  # second-pass size, None when hires fix is off
     hires_upscaler: str
     hires_strength: float
@@ -100,7 +102,7 @@ def check_inputs(
     mask,
     prompt_strength: float,
     num_outputs: int,
-    num_inference_steps: int,
+    num_inference_steps: Optional[int],
     guidance: Optional[float],
     scheduler: str,
     clip_skip: int,
@@ -126,6 +128,8 @@ def check_inputs(
         if not ok:
             raise utils.InputError(message)
 
+    spec = utils.model_spec(use_standard_sdxl)
+    num_inference_steps = spec.steps if num_inference_steps is None else num_inference_steps
     expect(isinstance(prompt, str) and prompt.strip() != "", f"prompt: expected non-empty text, got {prompt!r}")
     expect(aspect_ratio in ASPECT_RATIO_CHOICES, f"aspect_ratio: expected one of {ASPECT_RATIO_CHOICES}, got {aspect_ratio!r}")
     expect(megapixels in MEGAPIXEL_CHOICES, f"megapixels: expected one of {MEGAPIXEL_CHOICES}, got {megapixels!r}")
@@ -161,7 +165,6 @@ def check_inputs(
                f'width/height: only used with aspect_ratio "custom", got aspect_ratio {aspect_ratio!r} '
                f"with width={width} height={height}")
 
-    spec = utils.model_spec(use_standard_sdxl)
     init_image = mask_image = None
     mode = "txt2img"
     if aspect_ratio == "custom":
@@ -184,6 +187,7 @@ def check_inputs(
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
     return Request(
+        hires_scale=float(hires_scale),
         hires_size=utils.hires_size(size[0], size[1], hires_scale) if hires_scale > 1.0 else None,
         hires_upscaler=hires_upscaler,
         hires_strength=float(hires_strength),
@@ -193,6 +197,9 @@ def check_inputs(
         mode=mode,
         prompt=prompt,
         negative_prompt=spec.negative_prompt if negative_prompt is None else negative_prompt,
+        # Omitted and empty in the preset: zero embeddings, as stock diffusers SDXL does; an explicit "" is encoded
+        # (A1111's behaviour).
+        zero_negative=negative_prompt is None and not spec.negative_prompt,
         width=size[0],
         height=size[1],
         init_image=init_image,
@@ -282,7 +289,12 @@ class Predictor(BasePredictor):
             le=1.0,
         ),
         num_outputs: int = Input(description="Number of images; image i uses seed + i.", default=1, ge=1, le=4),
-        num_inference_steps: int = Input(description="Denoising steps; 25-30 is typical.", default=28, ge=1, le=50),
+        num_inference_steps: Optional[int] = Input(
+            description="Denoising steps. Leave blank for the model's preset: 28 for Illustrious XL, 30 for SDXL.",
+            default=None,
+            ge=1,
+            le=50,
+        ),
         guidance: Optional[float] = Input(
             description="Classifier-free guidance (CFG) scale. Leave blank for the model's default: 6.0 for "
             "Illustrious XL, 7.0 for SDXL.",
@@ -413,18 +425,21 @@ class Predictor(BasePredictor):
         print(f"Using seed: {seed}")
         logger.info("validated inputs in %.3fs", time.perf_counter() - started)
 
+        self.preflight(request)
         tokens = weights.Tokens.from_inputs(hf_api_token, civitai_api_token)
         fetched: list[weights.LoraFile] = []
         try:
             phase = time.perf_counter()
+            before = self.lora_cache.stats
             for item in request.loras:
                 fetched.append(self.lora_cache.fetch(item.ref, tokens, input_name=item.input_name))
             if request.loras:
-                stats = self.lora_cache.stats
-                logger.info("fetched %d LoRAs in %.2fs (cache %d hits, %d misses)", len(fetched),
-                            time.perf_counter() - phase, stats["hits"], stats["misses"])
-                self.record_metric("lora_cache_hits", stats["hits"])
-                self.record_metric("lora_cache_misses", stats["misses"])
+                after = self.lora_cache.stats
+                hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+                logger.info("fetched %d LoRAs in %.2fs (cache: %d hits, %d misses)", len(fetched),
+                            time.perf_counter() - phase, hits, misses)
+                self.record_metric("lora_cache_hits", hits)
+                self.record_metric("lora_cache_misses", misses)
             self.apply_loras(request, fetched)
             images = self.generate(request, seed)
         finally:
@@ -455,6 +470,21 @@ class Predictor(BasePredictor):
         logger.info("prediction done in %.2fs", time.perf_counter() - started)
         return [Path(p) for p in paths]
 
+    def preflight(self, request: Request) -> None:
+        """Checks that need the loaded model, still before any download or GPU work: the prompts parse and fit
+        (A1111 syntax, at most prompts.MAX_CHUNKS chunks), clip_skip fits the text encoders, the sampler can
+        sample this checkpoint (v-prediction)."""
+        model = self.models.models[request.spec.key]
+        for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            for tokenizer in (model.txt2img.tokenizer, model.txt2img.tokenizer_2):
+                prompts.token_spans(tokenizer, text, input_name=name)
+        layers = min(model.txt2img.text_encoder.config.num_hidden_layers,
+                     model.txt2img.text_encoder_2.config.num_hidden_layers)
+        if request.clip_skip > layers:
+            raise utils.InputError(f"clip_skip: expected 1 to {layers} for this model's text encoders, "
+                                   f"got {request.clip_skip}")
+        utils.make_scheduler(request.scheduler, model.scheduler_config)
+
     @staticmethod
     def parameters(request: Request, seed: int, fetched: list[weights.LoraFile]) -> list[str]:
         """Each image's A1111 infotext (its own seed); built from token-free values only."""
@@ -471,7 +501,7 @@ class Predictor(BasePredictor):
                 "Denoising strength": request.strength if request.mode != "txt2img" else None,
                 "Clip skip": request.clip_skip,
                 "CFG Rescale phi": request.guidance_rescale or None,
-                "Hires upscale": (request.hires_size[0] / request.width) if request.hires_size else None,
+                "Hires upscale": request.hires_scale if request.hires_size else None,
                 "Hires steps": request.hires_steps if request.hires_size else None,
                 "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[request.hires_upscaler]
                 if request.hires_size else None,
@@ -512,7 +542,7 @@ class Predictor(BasePredictor):
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
         pipe = model.pipeline(request.mode)
-        pipe.scheduler = utils.make_scheduler(request.scheduler, model.txt2img.scheduler.config)
+        pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
         # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to.
         embeds = prompts.encode_prompts(
@@ -520,6 +550,7 @@ class Predictor(BasePredictor):
             merger.expand_prompt(request.prompt),
             merger.expand_prompt(request.negative_prompt),
             clip_skip=request.clip_skip,
+            zero_empty_negative=request.zero_negative,
             num_images_per_prompt=request.num_outputs,
         )
         logger.info("encoded prompts (%d chunks) in %.3fs", embeds.chunks, time.perf_counter() - phase)
@@ -560,7 +591,7 @@ class Predictor(BasePredictor):
         else:
             upscaled = utils.upscale_images(first, request.hires_size)
         refine = model.img2img
-        refine.scheduler = utils.make_scheduler(request.scheduler, model.txt2img.scheduler.config)
+        refine.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength", "mask_image")}
         second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps)
         images = refine(**second).images

@@ -286,18 +286,19 @@ def _chunk(tokenizer, fragments: list[_Fragment], input_name: str, pipe: Any = N
     return chunks
 
 
-def token_spans(pipe_or_tokenizer: Any, text: str) -> list[TokenChunk]:
+def token_spans(pipe_or_tokenizer: Any, text: str, *, input_name: str = "text") -> list[TokenChunk]:
     """The 77-token chunks (token ids and per-token weights) that :func:`encode_prompts` would encode for ``text``.
 
     ``pipe_or_tokenizer`` is a CLIP tokenizer, or an SDXL pipeline (then ``pipe.tokenizer``, CLIP-L, is used; pass
-    ``pipe.tokenizer_2`` for CLIP-G). Raises :class:`PromptError` (input ``text``) for unparsable or too long text.
+    ``pipe.tokenizer_2`` for CLIP-G). Raises :class:`PromptError` naming ``input_name`` for unparsable or too long
+    text.
     """
     if hasattr(pipe_or_tokenizer, "text_encoder_2"):  # an SDXL pipeline
         pipe = pipe_or_tokenizer
         tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
     else:
         pipe, tokenizer = None, pipe_or_tokenizer
-    return _chunk(tokenizer, _parse(text, "text"), "text", pipe)
+    return _chunk(tokenizer, _parse(text, input_name), input_name, pipe)
 
 
 # -------------------------------------------------------------------------------------------------------- encoding

@@ -34,6 +34,7 @@ class ModelSpec:
     folder: str
     title: str  # as written into image metadata ("Model: ...")
     guidance: float
+    steps: int
     scheduler: str
     negative_prompt: str
     quality_tags: str
@@ -45,6 +46,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         folder=MODEL_DIRS["illustrious"],
         title="Illustrious-XL-v0.1",
         guidance=6.0,
+        steps=28,
         scheduler="Euler a",
         negative_prompt="lowres, worst quality, low quality, bad anatomy, bad hands, jpeg artifacts, signature, "
         "watermark, username, blurry",
@@ -55,6 +57,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         folder=MODEL_DIRS["sdxl"],
         title="stable-diffusion-xl-base-1.0",
         guidance=7.0,
+        steps=30,
         scheduler="DPM++ 2M Karras",
         negative_prompt="",
         quality_tags="high quality, detailed, sharp focus",
@@ -233,8 +236,14 @@ class WeightsMissingError(RuntimeError):
 
 
 def check_weights_dir(weights_dir: Path) -> None:
-    required = [weights_dir / d / "model_index.json" for d in MODEL_DIRS.values()]
-    required += [weights_dir / VAE_DIR / "config.json", weights_dir / SAFETY_DIR / "config.json"]
+    required = [
+        weights_dir / d / part
+        for d in MODEL_DIRS.values()
+        for part in ("model_index.json", "unet/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                     "tokenizer/vocab.json", "tokenizer_2/vocab.json", "scheduler/scheduler_config.json")
+    ]
+    required += [weights_dir / VAE_DIR / "config.json", weights_dir / SAFETY_DIR / "config.json",
+                 weights_dir / SAFETY_DIR / "preprocessor_config.json"]
     missing = [str(p.relative_to(weights_dir)) for p in required if not p.exists()]
     if missing:
         raise WeightsMissingError(
@@ -250,6 +259,9 @@ class LoadedModel:
     txt2img: object  # StableDiffusionXLPipeline
     img2img: object
     inpaint: object
+    # The checkpoint's own scheduler config, kept apart from the pipelines' (replaced every request), so that one
+    # request's sampler options (Karras sigmas, SDE, order) never leak into the next.
+    scheduler_config: dict
 
     def pipeline(self, mode: str):
         return {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
@@ -288,7 +300,8 @@ def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> 
         inpaint = StableDiffusionXLInpaintPipeline.from_pipe(txt2img, add_watermarker=False)
         for pipe in (img2img, inpaint):
             pipe.set_progress_bar_config(disable=True)
-        models[key] = LoadedModel(spec=spec, txt2img=txt2img, img2img=img2img, inpaint=inpaint)
+        models[key] = LoadedModel(spec=spec, txt2img=txt2img, img2img=img2img, inpaint=inpaint,
+                                  scheduler_config=dict(txt2img.scheduler.config))
     checker = StableDiffusionSafetyChecker.from_pretrained(weights_dir / SAFETY_DIR, torch_dtype=dtype).to(device)
     extractor = CLIPImageProcessor.from_pretrained(weights_dir / SAFETY_DIR)
     logger.info("loaded models from %s on %s/%s in %.2fs", weights_dir, device, dtype, time.perf_counter() - start)

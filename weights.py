@@ -28,11 +28,13 @@ import dataclasses
 import email.utils
 import errno
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import tarfile
@@ -44,9 +46,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
+import urllib3
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +70,37 @@ MAX_SIDE_FILE_BYTES = 64 * MiB  # embeddings.pti / special_params.json in a trai
 LORA_FILE_NAME = "lora.safetensors"
 USER_AGENT = "sdxl-lora-cog/1"
 
-SDXL_FAMILY = ("sdxl", "illustrious", "noobai", "pony")  # CivitAI baseModel prefixes (case-insensitive)
+DEFAULT_DOWNLOAD_TIMEOUT = 1800.0  # seconds for one whole download (LORA_DOWNLOAD_TIMEOUT), retries included
+
+# CivitAI baseModel values accepted as SDXL-family (compared lower-case, runs of spaces collapsed, exact match).
+# An explicit table, not a prefix: "Pony V7" is AuraFlow-based, "SDXL" lookalikes may not be.
+SDXL_FAMILY = frozenset({
+    "sdxl", "sdxl 1.0", "sdxl1.0", "sdxl 1", "sdxl 0.9", "sdxl 1.0 lcm", "sdxl lcm", "sdxl distilled", "sdxl turbo",
+    "sdxl lightning", "sdxl hyper",
+    "pony", "pony diffusion", "pony diffusion v6", "pony diffusion v6 xl", "pony v6", "pony xl",
+    "illustrious", "illustrious xl", "noobai", "noob ai", "noobai xl",
+})
 CIVITAI_LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})
 CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com", "civitai.red", "civitai.green"})
 HF_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 REPLICATE_WEB_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
-HF_SKIP_PARTS = ("checkpoint", "optimizer", "scheduler")
+# Hugging Face files that are training state, not a LoRA: anything under a checkpoint folder (checkpoint-500/,
+# checkpoints/) and optimizer / scheduler state files.  A file merely *named* "...checkpoint..." is a candidate.
+_HF_SKIP_FOLDER = re.compile(r"checkpoints?(?:[-_]\d+)?", re.IGNORECASE)
+_HF_SKIP_FILE = re.compile(r"(?:optimizer|scheduler)(?:[._-][^/]*)?\.safetensors", re.IGNORECASE)
+
+# URL query parameters that sign, authenticate, expire or only label a download: not part of what the URL names,
+# so they are left out of the cache key (every other parameter is kept, sorted).  Lower-case.
+VOLATILE_QUERY_PREFIXES = ("x-amz-", "x-goog-", "x-ms-")
+VOLATILE_QUERY_NAMES = frozenset({
+    "signature", "sig", "se", "sp", "sv", "sr", "st", "skoid", "sktid", "skt", "ske", "sks", "skv", "expires",
+    "key-pair-id", "policy", "token", "access_token", "auth", "authorization", "api_key", "apikey",
+    "response-content-disposition", "response-content-type", "download",
+})
+
+# SSRF guard: names of cloud metadata services, refused whatever they resolve to.
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal"})
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not public
 HF_PREFERRED = "pytorch_lora_weights.safetensors"
 
 
@@ -113,6 +141,10 @@ class NetworkError(WeightsError):
     """The source could not be reached after retries."""
 
 
+class BlockedHostError(InvalidReferenceError):
+    """The URL (or a redirect) points into the machine's own network: link-local / metadata, loopback, private."""
+
+
 class _RedactedCause(Exception):
     """Stands in for a library exception whose text carried a secret (e.g. a signed URL)."""
 
@@ -123,6 +155,28 @@ def _err(cls: type[WeightsError], input_name: str, what: str, *, expected: str, 
     if hint:
         msg += f" {hint}"
     return cls(msg, input_name=input_name)
+
+
+def _scrub_chain(err: BaseException, secrets: tuple[str, ...]) -> None:
+    """Replace every exception linked from `err` (as __cause__ or __context__, transitively) whose text would leak a
+    secret by a redacted stand-in, so neither chain carries it (the stand-in has no chain of its own)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for attr in ("__cause__", "__context__"):
+            linked = getattr(node, attr)
+            if linked is None:
+                continue
+            safe = _scrub(linked, secrets)
+            if safe is not linked:
+                setattr(node, attr, safe)
+                if attr == "__context__":
+                    node.__suppress_context__ = True
+            todo.append(safe)
 
 
 def _scrub(err: BaseException, secrets: tuple[str, ...]) -> BaseException:
@@ -207,11 +261,21 @@ def _replicate_ref(repo: str, version: str | None) -> WeightsRef:
     return WeightsRef("replicate", f"replicate:{repo}", f"replicate {repo}", repo=repo, is_tar=True)
 
 
+def _key_query(query: str) -> str:
+    """The query parameters that name the file (signing/auth/expiry ones dropped), sorted, for the cache key."""
+    kept = sorted((k, v) for k, v in parse_qsl(query, keep_blank_values=True)
+                  if not k.lower().startswith(VOLATILE_QUERY_PREFIXES) and k.lower() not in VOLATILE_QUERY_NAMES)
+    return urlencode(kept)
+
+
 def _url_ref(url: str, parts) -> WeightsRef:
     host = (parts.hostname or "").lower()
     port = f":{parts.port}" if parts.port else ""
     clean = urlunsplit((parts.scheme.lower(), host + port, parts.path or "/", "", ""))  # no userinfo, query, fragment
-    digest = hashlib.sha256(clean.encode()).hexdigest()
+    # `.../download?id=1` and `...?id=2` are different files: the remaining query is part of the (hashed) key, while
+    # a fresh signature on the same object is not.  The display stays query-free (a query may carry secrets).
+    kept = _key_query(parts.query)
+    digest = hashlib.sha256((clean + (f"?{kept}" if kept else "")).encode()).hexdigest()
     is_tar = parts.path.lower().endswith(".tar")
     source = "replicate" if host == "replicate.delivery" or host.endswith(".replicate.delivery") else "url"
     prefix = "replicate-delivery" if source == "replicate" else "url"
@@ -253,7 +317,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern, Callable[[re.Match], WeightsRef]], ...] 
         ("civitai-download", rf"{_HOST_CIVITAI}/api/download/models/(?P<v>\d+)/?(?:[?#].*)?",
          lambda m: _civitai_ref(None, m["v"])),
         ("civitai-model", rf"{_HOST_CIVITAI}/models/(?P<id>\d+)(?:/[^?#]*)?(?:\?(?P<q>[^#]*))?(?:#.*)?",
-         lambda m: _civitai_ref(m["id"], (parse_qs(m["q"] or "").get("modelVersionId") or [None])[0])),
+         lambda m: _civitai_ref(m["id"], _query_value(m["q"], "modelversionid"))),
         ("civitai-air", r"(?:urn:)?(?:air:)?(?P<eco>[a-z0-9]+):(?P<type>[a-z]+):civitai:(?P<id>\d+)(?:@(?P<v>\d+))?",
          lambda m: _air_ref(m)),
         ("replicate-web", rf"{_HOST_REPLICATE}/{_REPO}(?:/versions/(?P<v>[A-Za-z0-9]+))?(?:/_weights)?/?(?:[?#].*)?",
@@ -280,6 +344,14 @@ _AIR_ECOSYSTEMS = {"sdxl", "pony", "illustrious", "noobai", "sdxl1"}
 _AIR_TYPES = {"lora", "lycoris", "locon", "dora"}
 
 
+def _query_value(query: str | None, name: str) -> str | None:
+    """The first value of a query parameter, the name compared case-insensitively (modelVersionId, modelversionid)."""
+    for key, values in parse_qs(query or "").items():
+        if key.lower() == name:
+            return values[0]
+    return None
+
+
 def _air_ref(m: re.Match) -> WeightsRef:
     eco, typ = m["eco"].lower(), m["type"].lower()
     if typ not in _AIR_TYPES:
@@ -294,8 +366,10 @@ def _normalise_text(text: str) -> str:
     lower = text.lower()
     bare_hosts = tuple(f"{h}/" for h in (*HF_HOSTS, *CIVITAI_HOSTS, *REPLICATE_WEB_HOSTS, "replicate.delivery"))
     if lower.startswith(bare_hosts):
-        return "https://" + text
-    return text
+        text = "https://" + text
+    # Scheme and host are case-insensitive (HTTPS://HUGGINGFACE.co/o/r is Hugging Face); userinfo and path are not.
+    return re.sub(r"^(https?://)([^@/?#]*@)?([^/?#]*)", lambda m: m[1].lower() + (m[2] or "") + m[3].lower(), text,
+                  count=1, flags=re.IGNORECASE)
 
 
 def _hf_endpoint() -> str:
@@ -323,6 +397,74 @@ def _replicate_web_base() -> str:
 def _origin(url: str) -> tuple[str, str, int | None]:
     p = urlsplit(url)
     return (p.scheme.lower(), (p.hostname or "").lower(), p.port)
+
+
+# ------------------------------------------------------------------------------------------------ SSRF guard
+def _allow_local_hosts() -> bool:
+    """LORA_ALLOW_LOCAL_HOSTS=1: loopback and private-network hosts may be fetched (tests, a LAN mirror)."""
+    return os.environ.get("LORA_ALLOW_LOCAL_HOSTS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address may not be fetched from, or None when it may."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    if ip.is_link_local:
+        return "a link-local / cloud metadata address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_reserved:
+        return "a reserved address"
+    if _allow_local_hosts():
+        return None
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_private or (ip.version == 4 and ip in _SHARED_ADDRESS_SPACE) or not ip.is_global:
+        return "a private-network address"
+    return None
+
+
+def _check_host(url: str, ctx: "_Context", *, what: str | None = None) -> None:
+    """Refuse a URL whose host is, or resolves to (any of its addresses), an address inside the machine's network.
+
+    Called before every request hop (first URL, each redirect target), before pget gets a URL and for the configured
+    API bases.  A name that does not resolve is not refused here: the request then fails as a network error.
+    `what` names the URL in the message (default: the URL itself, without query or userinfo).
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        return
+
+    def refuse(reason: str, got: str) -> BlockedHostError:
+        local = reason in ("a loopback address", "a private-network address")
+        hint = "Set LORA_ALLOW_LOCAL_HOSTS=1 to allow loopback and private-network hosts." if local else ""
+        return _err(BlockedHostError, ctx.input_name, f"{what or _safe_text(url)} points to {reason}",
+                    expected="a public http(s) URL", got=got, hint=hint)
+
+    if host in METADATA_HOSTS:
+        raise refuse("a link-local / cloud metadata address", f"the metadata host name {host!r}")
+    try:
+        addresses = [ipaddress.ip_address(host.split("%", 1)[0])]
+    except ValueError:
+        try:
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError:
+            port = 80
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return  # does not resolve: the request itself fails as a network error, as before
+        addresses = []
+        for info in infos:
+            with contextlib.suppress(ValueError):
+                addresses.append(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
+    for ip in addresses:
+        reason = _blocked_reason(ip)
+        if reason:
+            raise refuse(reason, str(ip))
 
 
 def _rebase(text: str) -> str:
@@ -622,6 +764,7 @@ def _open(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, ex
         if scheme not in ("http", "https"):
             raise _err(InvalidReferenceError, ctx.input_name, f"{ctx.display} redirected to a non-http URL",
                        expected="http(s)", got=f"{scheme}:")
+        _check_host(url, ctx, what=f"{ctx.display} redirected to {_safe_text(url)}, which" if hops else None)
         headers = {"User-Agent": USER_AGENT, **(extra or {})}
         if auth.origin is not None and _origin(url) == auth.origin:
             headers.update(auth.headers)
@@ -675,14 +818,57 @@ def _json(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, au
         resp.close()
 
 
+def _download_timeout() -> float:
+    """LORA_DOWNLOAD_TIMEOUT: seconds one download may take in all (retries and resumes included)."""
+    value = os.environ.get("LORA_DOWNLOAD_TIMEOUT", "").strip()
+    try:
+        return float(value) if value else DEFAULT_DOWNLOAD_TIMEOUT
+    except ValueError:
+        logger.warning("LORA_DOWNLOAD_TIMEOUT=%r is not a number; using %.0f", value, DEFAULT_DOWNLOAD_TIMEOUT)
+        return DEFAULT_DOWNLOAD_TIMEOUT
+
+
+def _check_deadline(deadline: float, started: float, ctx: _Context, have: int) -> None:
+    if time.monotonic() > deadline:
+        raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} took too long",
+                   expected=f"at most {deadline - started:.0f}s (LORA_DOWNLOAD_TIMEOUT)",
+                   got=f"{have} bytes after {time.monotonic() - started:.0f}s",
+                   hint="The source is too slow; try again later or use another mirror.")
+
+
+def _body_chunks(resp: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: a block is returned as soon as *some* bytes came (read1), not after CHUNK bytes,
+    so the caller sees every trickle and can enforce its deadline.  Errors are mapped like iter_content does."""
+    raw = resp.raw
+    read = raw.read1 if hasattr(raw, "read1") else raw.read
+    while True:
+        try:
+            block = read(CHUNK, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as err:
+            raise requests.ConnectionError(err) from err
+        except urllib3.exceptions.ProtocolError as err:
+            raise requests.exceptions.ChunkedEncodingError(err) from err
+        except urllib3.exceptions.DecodeError as err:
+            raise requests.exceptions.ContentDecodingError(err) from err
+        except urllib3.exceptions.SSLError as err:
+            raise requests.exceptions.SSLError(err) from err
+        if not block:
+            return
+        yield block
+
+
 def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Context, auth: _Auth, *, auth_hint: str = "",
-                   not_found: str = "", max_bytes: int | None = None) -> None:
-    """Stream `url` to `dest`, resuming with Range after a dropped connection, enforcing the size cap early."""
+                   not_found: str = "", max_bytes: int | None = None, deadline: float | None = None) -> None:
+    """Stream `url` to `dest`, resuming with Range after a dropped connection, enforcing the size cap early and an
+    overall deadline (LORA_DOWNLOAD_TIMEOUT) on every block, so a server dripping bytes forever is cut off."""
     cap = max_bytes or ctx.max_bytes
+    started = time.monotonic()
+    deadline = deadline if deadline is not None else started + _download_timeout()
     attempt = 0
     with dest.open("wb") as out:
         total: int | None = None
         while True:
+            _check_deadline(deadline, started, ctx, out.tell())
             have = out.tell()
             extra = {"Accept-Encoding": "identity"}
             if have:
@@ -702,10 +888,11 @@ def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Contex
                     if total > cap:
                         raise _too_large(ctx, total)
                 try:
-                    for block in resp.iter_content(CHUNK):
+                    for block in _body_chunks(resp):
                         out.write(block)
                         if out.tell() > cap:
                             raise _too_large(ctx, out.tell())
+                        _check_deadline(deadline, started, ctx, out.tell())
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                     if attempt >= MAX_RETRIES:
                         raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} kept breaking off",
@@ -730,17 +917,21 @@ PGET_MIN_BYTES = int(os.environ.get("LORA_PGET_MIN_BYTES", str(64 * MiB)))  # be
 PGET_TIMEOUT = 30 * 60.0
 
 
-def _pget(url: str, dest: Path, ctx: _Context) -> bool:
+def _pget(url: str, dest: Path, ctx: _Context, *, timeout: float | None = None) -> bool:
     """Download with pget when it is on PATH.  Returns False (caller falls back to Python) when pget fails.
 
-    Only used for URLs that need no auth header: the URL (maybe pre-signed) is in pget's argv, never in logs.
+    Only hand it a URL whose redirects our own client has already followed and checked (see `_pget_target`):
+    pget follows redirects by itself, past the SSRF guard.  Only used for URLs that need no auth header: the URL
+    (maybe pre-signed) is in pget's argv, never in logs.
     """
     exe = shutil.which("pget")
     if not exe:
         return False
+    _check_host(url, ctx)
     started = time.monotonic()
     try:
-        proc = subprocess.run([exe, url, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=PGET_TIMEOUT)
+        proc = subprocess.run([exe, url, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=max(1.0, min(PGET_TIMEOUT, timeout if timeout is not None else PGET_TIMEOUT)))
     except (OSError, subprocess.TimeoutExpired) as err:
         logger.warning("%s: pget failed (%s); using the Python downloader", ctx.display, type(err).__name__)
         dest.unlink(missing_ok=True)
@@ -753,27 +944,54 @@ def _pget(url: str, dest: Path, ctx: _Context) -> bool:
     return True
 
 
+def _probe_size(resp: requests.Response) -> int | None:
+    """The full size from a 200's Content-Length (None when absent, or for a partial answer)."""
+    if resp.status_code != 200:
+        return None
+    length = resp.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def _pget_target(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, size_hint: int | None, cap: int,
+                 auth_hint: str = "", not_found: str = "") -> str | None:
+    """The URL to hand pget, or None to use the Python downloader.
+
+    Our client follows (and checks, hop by hop) the redirects with a GET that is closed after the headers, so pget
+    only ever gets the final, already-checked location; the size comes from that answer's Content-Length.  pget is used only for a known size (the
+    answer's, else `size_hint`) within the cap; an oversize answer is refused here, before pget runs.
+    """
+    resp = _open(session, url, ctx, auth, extra={"Accept-Encoding": "identity"}, auth_hint=auth_hint, not_found=not_found)
+    try:
+        final = resp.url or url
+        size = _probe_size(resp)
+        html = resp.headers.get("Content-Type", "").lower().startswith("text/html")
+    finally:
+        resp.close()
+    size = size if size is not None else size_hint
+    if size is not None and size > cap:
+        raise _too_large(ctx, size)
+    if size is None or size < PGET_MIN_BYTES or html:
+        return None  # unknown size: stream in Python with the cap enforced as it arrives
+    if auth.headers and auth.origin is not None and _origin(final) == auth.origin:
+        return None  # would need the auth header, which never goes into pget's argv
+    return final
+
+
 def _download_url(session: requests.Session, url: str, dest: Path, ctx: _Context, auth: _Auth, *, size_hint: int | None,
                   auth_hint: str = "", not_found: str = "", cap: int | None = None) -> None:
-    """pget for large files when possible, the Python path otherwise (and as the fallback)."""
+    """pget for large files of known size when possible, the Python path otherwise (and as the fallback)."""
     cap = cap or ctx.max_bytes
     if size_hint is not None and size_hint > cap:
         raise _too_large(ctx, size_hint)
-    big = size_hint is None or size_hint >= PGET_MIN_BYTES
-    if big and shutil.which("pget"):
-        target = url
-        if auth.headers and auth.origin is not None:
-            # Resolve the authenticated hop ourselves; pget then fetches the pre-signed location without headers.
-            resp = _open(session, url, ctx, auth, follow=False, auth_hint=auth_hint, not_found=not_found, method="GET")
-            resp.close()
-            target = urljoin(url, resp.headers["Location"]) if resp.is_redirect else None
-            if target and _origin(target) == auth.origin:
-                target = None  # would need the header again
-        if target and _pget(target, dest, ctx):
+    started = time.monotonic()
+    deadline = started + _download_timeout()
+    if shutil.which("pget") and (size_hint is None or size_hint >= PGET_MIN_BYTES):
+        target = _pget_target(session, url, ctx, auth, size_hint=size_hint, cap=cap, auth_hint=auth_hint, not_found=not_found)
+        if target and _pget(target, dest, ctx, timeout=deadline - time.monotonic()):
             if dest.stat().st_size > cap:
                 raise _too_large(ctx, dest.stat().st_size)
             return
-    _http_download(session, url, dest, ctx, auth, auth_hint=auth_hint, not_found=not_found, max_bytes=cap)
+    _http_download(session, url, dest, ctx, auth, auth_hint=auth_hint, not_found=not_found, max_bytes=cap, deadline=deadline)
 
 
 # -------------------------------------------------------------------------------------------- tar files
@@ -878,6 +1096,30 @@ def _hf_catch(ctx: _Context, ref: WeightsRef) -> Iterator[None]:
         raise _hf_error(err, ctx, ref) from _scrub(err, ctx.secrets)
 
 
+def _hf_retry(call: Callable[[], Any], ctx: _Context) -> Any:
+    """A Hugging Face metadata call with the module's retry policy: 408/429/5xx and connection errors are retried
+    (at most MAX_RETRIES times, Retry-After honoured, else RETRY_BACKOFF doubled each time)."""
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except hf_errors.HfHubHTTPError as err:
+            resp = getattr(err, "response", None)
+            if getattr(resp, "status_code", None) not in RETRY_STATUS or attempt >= MAX_RETRIES:
+                raise
+            wait = _retry_after(resp, attempt)
+            logger.info("%s: Hugging Face answered HTTP %s, retrying in %.2fs", ctx.display, resp.status_code, wait)
+        except (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError):
+            if attempt >= MAX_RETRIES:
+                raise
+            wait = _retry_after(None, attempt)
+        time.sleep(wait)
+        attempt += 1
+
+
 @dataclass(frozen=True)
 class _Plan:
     """A resolved reference: the cache key and how to produce the file."""
@@ -886,10 +1128,17 @@ class _Plan:
     produce: Callable[[Path, requests.Session, _Context], _Staged]  # writes into a temp folder
 
 
+def _hf_training_state(path: str) -> bool:
+    """True for files of a training run rather than a LoRA: inside checkpoint-500/ or checkpoints/ folders, and
+    optimizer / scheduler state files.  "my_checkpoint_style.safetensors" is not skipped."""
+    *folders, name = path.split("/")
+    return any(_HF_SKIP_FOLDER.fullmatch(d) for d in folders) or bool(_HF_SKIP_FILE.fullmatch(name))
+
+
 def _pick_hf_file(files: list, ref: WeightsRef, ctx: _Context):
     prefix = (ref.path + "/") if ref.path else ""
     in_scope = [f for f in files if f.path.startswith(prefix)]
-    cands = [f for f in in_scope if f.path.endswith(".safetensors") and not any(p in f.path.lower() for p in HF_SKIP_PARTS)]
+    cands = [f for f in in_scope if f.path.endswith(".safetensors") and not _hf_training_state(f.path)]
     preferred = [f for f in cands if f.path.rsplit("/", 1)[-1] == HF_PREFERRED]
     if preferred:
         return min(preferred, key=lambda f: f.path.count("/"))  # top-most wins over a copy in a subfolder
@@ -911,11 +1160,14 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
     from huggingface_hub.hf_api import RepoFile
 
     endpoint = _hf_endpoint()
+    _check_host(endpoint + "/", ctx, what=f"HF_ENDPOINT {_safe_text(endpoint)}")
     api = HfApi(endpoint=endpoint)
     token = ctx.tokens.hf or False  # False: never fall back to a global login
     with _hf_catch(ctx, ref):
-        sha = ref.revision if _COMMIT_RE.fullmatch(ref.revision or "") else api.model_info(ref.repo, revision=ref.revision, token=token).sha
-        files = [f for f in api.list_repo_tree(ref.repo, recursive=True, revision=sha, token=token) if isinstance(f, RepoFile)]
+        sha = ref.revision if _COMMIT_RE.fullmatch(ref.revision or "") else \
+            _hf_retry(lambda: api.model_info(ref.repo, revision=ref.revision, token=token), ctx).sha
+        files = [f for f in _hf_retry(lambda: list(api.list_repo_tree(ref.repo, recursive=True, revision=sha, token=token)), ctx)
+                 if isinstance(f, RepoFile)]
     if ref.path_is_dir:
         chosen = _pick_hf_file(files, ref, ctx)
     else:
@@ -936,7 +1188,14 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
             raise _too_large(c, size)
         dest = tmp / LORA_FILE_NAME
         url = f"{endpoint}/{ref.repo}/resolve/{sha}/{quote(chosen.path)}"
-        if not ctx.tokens.hf and size >= PGET_MIN_BYTES and shutil.which("pget") and _pget(url, dest, c):
+        target = None
+        if not ctx.tokens.hf and size >= PGET_MIN_BYTES and shutil.which("pget"):
+            # The resolve URL redirects (to a CDN): follow and check the hops ourselves, then give pget the end.
+            try:
+                target = _pget_target(session, url, c, _Auth({}, None), size_hint=size, cap=c.max_bytes)
+            except (NetworkError, NotFoundError, AuthRequiredError):
+                target = None  # let huggingface_hub try, and explain its failure
+        if target and _pget(target, dest, c, timeout=_download_timeout()):
             pass
         else:
             with _hf_catch(c, resolved):
@@ -954,8 +1213,8 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
 
 
 def _is_sdxl_family(base_model: str | None) -> bool:
-    b = (base_model or "").strip().lower()
-    return any(b.startswith(p) for p in SDXL_FAMILY)
+    """An exact (case-insensitive, spaces normalised) match in SDXL_FAMILY: "Pony" yes, "Pony V7" (AuraFlow) no."""
+    return " ".join(str(base_model or "").lower().split()) in SDXL_FAMILY
 
 
 def _civitai_auth(ctx: _Context) -> _Auth:
@@ -1290,6 +1549,15 @@ class LoraCache:
         url_parts = urlsplit(ref.url) if ref.url and ref.source != "data" else None
         secrets = tokens.secrets() + tuple(s for s in (url_parts.query, url_parts.password) if s) if url_parts else tokens.secrets()
         ctx = _Context(input_name, ref.display, tokens, self.max_file_bytes, secrets)
+        try:
+            return self._fetch_in(ref, ctx, started)
+        except WeightsError as err:
+            # `raise X from _scrub(e)` still leaves `e` (maybe quoting a signed URL) in X.__context__: clean the chain.
+            _scrub_chain(err, ctx.secrets)
+            raise
+
+    def _fetch_in(self, ref: WeightsRef, ctx: _Context, started: float) -> LoraFile:
+        input_name = ctx.input_name
         with requests.Session() as session:
             session.trust_env = True
             # A resolved ref (immutable version/commit, URL, data) is looked up before any network call.

@@ -148,7 +148,8 @@ def main() -> int:
     if result.get("logs"):
         sys.stderr.write(result["logs"])
     if result.get("status") != "succeeded":
-        print(f"prediction failed: {result.get('error') or result}", file=sys.stderr)
+        error = str(result.get("error") or result)
+        print(error if error.startswith("Prediction failed") else f"Prediction failed: {error}", file=sys.stderr)
         return 1
     for path in save_outputs(result["output"], args.output):
         print(f"written {path}")

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,25 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_schema() -> None:
-    subprocess.run([sys.executable, str(REPO / "script" / "schema")], check=True, stdout=subprocess.DEVNULL)
-
-
 class CogServer:
-    """One coglet server process with its worker; `predict()` posts a prediction and returns the JSON body."""
+    """script/serve (the real coglet server and its worker); `predict()` posts a prediction and returns the body."""
 
     def __init__(self, weights_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, WEIGHTS_DIR=str(weights_dir), PORT=str(self.port))
-        env["COG_PREDICT_TYPE_STUB"] = "predict.py:Predictor"
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(extra_env or {})
+        env = dict(os.environ, WEIGHTS_DIR=str(weights_dir), PORT=str(self.port), **(extra_env or {}))
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(REPO / "script" / "serve")], cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 180) -> dict:

@@ -14,6 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The LoRA downloader refuses loopback and private addresses unless told otherwise; every fake server in these
+# tests listens on 127.0.0.1. Set before any server process starts, so the Cog servers inherit it.
+os.environ["LORA_ALLOW_LOCAL_HOSTS"] = "1"
+
 
 def _tiny_weights_dir() -> Path:
     """Build (or reuse) the tiny weights; keyed by the generator's source so a change rebuilds them."""
@@ -60,9 +64,8 @@ def flag_all_weights(tiny_weights: Path, tmp_path_factory) -> Path:
 
 
 def _server(weights_dir: Path, tmp_path_factory, name: str):
-    from cog_server import CogServer, write_schema
+    from cog_server import CogServer
 
-    write_schema()
     folder = tmp_path_factory.mktemp(name)
     server = CogServer(weights_dir, folder / "server.log", {"LORA_CACHE_DIR": str(folder / "lora-cache")})
     try:

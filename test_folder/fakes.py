@@ -6,7 +6,7 @@ and plain file hosts, plus small helpers to build LoRA files, trainer tars and a
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
 
 Every server records the requests it saw (`server.requests`) and can inject faults per path
-(`server.fail(...)`, `server.truncate(...)`, `server.slow(...)`).
+(`server.fail(...)`, `server.truncate(...)`, `server.slow(...)`, `server.drip(...)`, `server.no_length(...)`).
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
     truncate_at: int | None = None  # send only this many body bytes, then drop the connection
     delay: float = 0.0  # before the first body byte
+    drip: float = 0.0  # send the body one byte at a time, this many seconds apart
+    no_length: bool = False  # no Content-Length: the body ends when the connection closes
 
 
 @dataclass
@@ -219,6 +221,14 @@ class FakeServer:
     def slow(self, pattern: str, delay: float, *, times: int = -1) -> None:
         self.faults.append(_Fault(re.compile(pattern), times, lambda req: Response(delay=delay)))
 
+    def drip(self, pattern: str, interval: float, *, times: int = -1) -> None:
+        """The matching route's body trickles out one byte every `interval` seconds (a slow-drip server)."""
+        self.faults.append(_Fault(re.compile(pattern), times, lambda req: Response(drip=interval)))
+
+    def no_length(self, pattern: str, *, times: int = -1) -> None:
+        """The matching route's response has no Content-Length (size unknown until the connection closes)."""
+        self.faults.append(_Fault(re.compile(pattern), times, lambda req: Response(no_length=True)))
+
     def count(self, pattern: str, method: str | None = None) -> int:
         rx = re.compile(pattern)
         return sum(1 for r in self.requests if rx.search(r.path) and (method is None or r.method == method))
@@ -249,6 +259,8 @@ class FakeServer:
             if fault is not None:
                 resp.truncate_at = fault.truncate_at
                 resp.delay = fault.delay
+                resp.drip = fault.drip
+                resp.no_length = fault.no_length
         self._send(h, req, resp)
 
     def _route(self, req: Request) -> Response:
@@ -265,10 +277,11 @@ class FakeServer:
         try:
             h.send_response(resp.status)
             for k, v in resp.headers.items():
-                h.send_header(k, v)
-            if not any(k.lower() == "content-length" for k in resp.headers):
+                if not (resp.no_length and k.lower() == "content-length"):
+                    h.send_header(k, v)
+            if not resp.no_length and not any(k.lower() == "content-length" for k in resp.headers):
                 h.send_header("Content-Length", str(len(resp.body)))
-            if resp.truncate_at is not None:
+            if resp.truncate_at is not None or resp.no_length:
                 h.send_header("Connection", "close")
             h.end_headers()
             if req.method == "HEAD":
@@ -276,9 +289,15 @@ class FakeServer:
             if resp.delay:
                 time.sleep(resp.delay)
             body = resp.body if resp.truncate_at is None else resp.body[:resp.truncate_at]
-            h.wfile.write(body)
+            if resp.drip:
+                for i in range(len(body)):
+                    h.wfile.write(body[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(resp.drip)
+            else:
+                h.wfile.write(body)
             h.wfile.flush()
-            if resp.truncate_at is not None:
+            if resp.truncate_at is not None or resp.no_length:
                 h.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -297,7 +316,9 @@ class _HFRepo:
     files: dict[str, _HFFile] = field(default_factory=dict)
     branch: str = "main"
     token: str | None = None  # private: this bearer token is required
-    gated_token: str | None = None  # gated: file downloads need this token (API calls work)
+    gated_token: str | None = None  # gated: file downloads need this token (API calls work unless gated_api)
+    gated_api: bool = False  # gated: the API calls (model info, tree) need the token too
+    hidden: bool = False  # answers 404 RepoNotFound to everyone, as a deleted or misspelt repo
 
     @property
     def sha(self) -> str:
@@ -309,6 +330,8 @@ class _HFRepo:
 
 class FakeHFHub(FakeServer):
     """Enough of the Hub for huggingface_hub 2.4: model info / revision, the tree API, and resolve (HEAD + GET).
+    That is everything weights.py and script/download_weights (model_info, list_repo_tree, hf_hub_download,
+    snapshot_download) ask for.
 
     Files ending in .safetensors/.bin/.pt/.tar (or lfs=True) are served as LFS: ETag/X-Linked-Etag is their
     sha256, X-Linked-Size their size; other files get the git blob sha1 as ETag.  Any revision given as the
@@ -334,8 +357,17 @@ class FakeHFHub(FakeServer):
     def set_private(self, repo: str, token: str) -> None:
         self.repos.setdefault(repo, _HFRepo()).token = token
 
-    def set_gated(self, repo: str, token: str) -> None:
-        self.repos.setdefault(repo, _HFRepo()).gated_token = token
+    def set_gated(self, repo: str, token: str | None, *, api: bool = False) -> None:
+        """Gate the repo (token None: open it again); api=True gates model info / tree too, not only files."""
+        r = self.repos.setdefault(repo, _HFRepo())
+        r.gated_token, r.gated_api = token, api and token is not None
+
+    def set_hidden(self, repo: str, hidden: bool = True) -> None:
+        self.repos[repo].hidden = hidden
+
+    def set_served(self, repo: str, path: str, served: bytes | None) -> None:
+        """What /resolve sends for the file (None: its real bytes); the listing keeps the real size and hashes."""
+        self.repos[repo].files[path].served = served
 
     def commit(self, repo: str) -> str:
         return self.repos[repo].sha
@@ -350,12 +382,16 @@ class FakeHFHub(FakeServer):
 
     def _repo(self, req: Request, repo: str, rev: str | None) -> tuple[_HFRepo | None, Response | None]:
         r = self.repos.get(repo)
+        if r is not None and r.hidden:
+            return None, self._error(404, "RepoNotFound", "Repository not found")
         if r is None:
             return None, self._error(401 if not req.bearer else 404, "RepoNotFound", "Repository not found")
         if r.token and req.bearer != r.token:
             return None, self._error(401, "RepoNotFound", "Repository not found")
         if rev is not None and unquote(rev) not in (r.branch, "main", r.sha):
             return None, self._error(404, "RevisionNotFound", "Invalid rev id")
+        if r.gated_api and req.bearer != r.gated_token and req.path.startswith("/api/"):
+            return None, self._error(403, "GatedRepo", "Access to this repo is restricted")
         return r, None
 
     def _info(self, req: Request, repo: str, rev: str | None) -> Response:
@@ -543,12 +579,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def weights_env(tmp_path, monkeypatch):
-    """A clean environment for weights.py: private cache folder, no tokens or pget, tiny retry backoff."""
+    """A clean environment for weights.py: private cache folder, no tokens or pget, tiny retry backoff, loopback
+    hosts allowed (the fakes listen on 127.0.0.1; tests of the SSRF guard remove LORA_ALLOW_LOCAL_HOSTS)."""
     import weights
 
     for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "LORA_CACHE_MAX_BYTES", "LORA_CACHE_MIN_FREE_BYTES",
-                 "LORA_MAX_BYTES", "REPLICATE_WEB_BASE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+                 "LORA_MAX_BYTES", "REPLICATE_WEB_BASE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+                 "LORA_DOWNLOAD_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LORA_ALLOW_LOCAL_HOSTS", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))

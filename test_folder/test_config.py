@@ -81,7 +81,8 @@ def test_schema_has_flux_dev_lora_inputs_with_their_ranges(schema):
     assert (props["lora_scale"]["minimum"], props["lora_scale"]["maximum"]) == (-1, 3)
     assert (props["extra_lora_scale"]["minimum"], props["extra_lora_scale"]["maximum"]) == (-1, 3)
     assert (props["output_quality"]["minimum"], props["output_quality"]["maximum"], props["output_quality"]["default"]) == (0, 100, 80)
-    assert props["num_inference_steps"]["default"] == 28
+    assert "default" not in props["num_inference_steps"] and props["num_inference_steps"]["nullable"] is True
+    assert (props["num_inference_steps"]["minimum"], props["num_inference_steps"]["maximum"]) == (1, 50)
     assert props["seed"]["type"] == "integer" and props["seed"]["nullable"] is True
     assert props["image"]["format"] == "uri" and props["mask"]["format"] == "uri"
     for token in ("hf_api_token", "civitai_api_token"):

@@ -136,3 +136,48 @@ def test_low_prompt_strength_stays_closer_to_the_input(predictor, tmp_path):
         return float(np.abs(image.astype(float) - reference).mean())
 
     assert distance(0.1) < distance(1.0)
+
+
+def check(**overrides) -> predict.Request:
+    """predict.check_inputs with every input at its default, as the server would pass them."""
+    import inspect
+
+    names = inspect.signature(predict.check_inputs).parameters
+    return predict.check_inputs(**{k: v for k, v in predict_inputs(prompt="a cat", **overrides).items() if k in names})
+
+
+def test_steps_left_blank_use_each_models_preset():
+    assert check().steps == utils.MODEL_SPECS["illustrious"].steps == 28
+    assert check(use_standard_sdxl=True).steps == utils.MODEL_SPECS["sdxl"].steps == 30
+    assert check(num_inference_steps=12).steps == 12
+
+
+def test_sampler_options_never_leak_into_the_next_prediction(predictor):
+    first = run(predictor, prompt="a cat", seed=1, scheduler="Euler")
+    run(predictor, prompt="a cat", seed=1, scheduler="DPM++ 3M SDE Karras")
+    assert np.array_equal(first, run(predictor, prompt="a cat", seed=1, scheduler="Euler"))
+
+
+def test_sdxl_defaults_equal_stock_diffusers_sdxl(predictor, tiny_weights):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    (ours,) = run(predictor, prompt="a photo of a cat", seed=8, use_standard_sdxl=True)
+    vae = AutoencoderKL.from_pretrained(tiny_weights / utils.VAE_DIR)
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_weights / "sdxl-base", vae=vae)
+    stock.scheduler = DPMSolverMultistepScheduler.from_config(stock.scheduler.config, use_karras_sigmas=True)
+    stock.set_progress_bar_config(disable=True)
+    image = stock("a photo of a cat", guidance_scale=7.0, num_inference_steps=3, width=256, height=256,
+                  generator=[torch.Generator("cpu").manual_seed(8)]).images[0]
+    assert np.array_equal(ours, np.asarray(image))
+
+
+def test_prompt_errors_come_before_any_lora_download(predictor):
+    misses = predictor.lora_cache.stats["misses"]
+    with pytest.raises(ValueError, match="prompt: .*1.2.3"):
+        run(predictor, prompt="(cat:1.2.3)", seed=1, lora_weights="https://example.invalid/x.safetensors")
+    with pytest.raises(ValueError, match="negative_prompt"):
+        run(predictor, prompt="a cat", negative_prompt="lowres " * 1300, seed=1,
+            lora_weights="https://example.invalid/x.safetensors")
+    with pytest.raises(utils.InputError, match="clip_skip: expected 1 to 4"):
+        run(predictor, prompt="a cat", seed=1, clip_skip=5, lora_weights="https://example.invalid/x.safetensors")
+    assert predictor.lora_cache.stats["misses"] == misses

@@ -59,14 +59,15 @@ def layer_weights(pipe) -> dict[tuple[str, str], torch.Tensor]:
     return out
 
 
-def assert_merged(pipe, base: dict, expected: dict[tuple[str, str], torch.Tensor]) -> None:
-    """Targets equal W0 + expected delta (float64 reference); every other parameter is bitwise the base."""
+def assert_merged(pipe, base: dict, expected: dict[tuple[str, str], torch.Tensor], allowed_extra=frozenset()) -> None:
+    """Targets equal W0 + expected delta (float64 reference); every other parameter (but `allowed_extra` layers,
+    checked by the caller) is bitwise the base."""
     live = layer_weights(pipe)
     for (c, module), delta in expected.items():
         w0 = base[(c, module + ".weight")].double()
         got = live[(c, module)].detach().double()
         torch.testing.assert_close(got, w0 + delta, rtol=1e-5, atol=1e-5, msg=lambda m, c=c, module=module: f"{c} {module}: {m}")
-    touched = {(c, m + ".weight") for c, m in expected}
+    touched = {(c, m + ".weight") for c, m in expected} | {(c, m + ".weight") for c, m in allowed_extra}
     for key, value in base.items():
         if key not in touched:
             p = getattr(pipe, COMPONENTS[key[0]]).get_parameter(key[1])
@@ -335,20 +336,26 @@ def test_diffusers_own_loader_agrees(env, tiny_weights):
         other = load_tiny_pipe(tiny_weights)  # fresh weights for the next file
 
 
-def test_harmless_extras_are_ignored(env):
-    """OneTrainer's lora_te2_text_projection and alpha-only layers are dropped (debug log), not errors."""
+def test_text_projection_is_merged_and_alpha_only_layers_are_ignored(env):
+    """OneTrainer's lora_te2_text_projection changes the pooled embedding, so it is merged (never dropped);
+    a layer that carries only an alpha has nothing to merge."""
     from safetensors.torch import load_file, save_file
 
     pipe, merger, base = env["pipe"], env["merger"], env["base"]
     fx = F.write_kohya_lora(env["dir"] / "extras.safetensors", pipe, seed=71, te=False)
     tensors = load_file(str(fx.path))
-    tensors["lora_te2_text_projection.lora_down.weight"] = torch.ones(4, 32)
-    tensors["lora_te2_text_projection.lora_up.weight"] = torch.ones(32, 4)
+    width = pipe.text_encoder_2.text_projection.weight.shape
+    down, up = torch.randn(4, width[1]) * 0.3, torch.randn(width[0], 4) * 0.3
+    tensors["lora_te2_text_projection.lora_down.weight"] = down
+    tensors["lora_te2_text_projection.lora_up.weight"] = up
     tensors["lora_unet_input_blocks_4_1_proj_out_unused.alpha"] = torch.tensor(4.0)
     save_file(tensors, str(fx.path))
     merger.apply([request(fx, 1.0)])
     try:
+        base_projection = merger.base_weight("te2", "text_projection")
+        expected = (base_projection.double() + up.double() @ down.double()).to(base_projection.dtype)
+        torch.testing.assert_close(pipe.text_encoder_2.text_projection.weight.data, expected, rtol=1e-5, atol=1e-5)
         base_layers = {(c, m): base[(c, m + ".weight")] for c, m in fx.targets.values()}
-        assert_merged(pipe, base, F.reference_deltas(fx, base_layers))
+        assert_merged(pipe, base, F.reference_deltas(fx, base_layers), allowed_extra={("te2", "text_projection")})
     finally:
         merger.apply([])
