@@ -8,8 +8,19 @@
 
 Sources: Hugging Face (huggingface_hub against HF_ENDPOINT), CivitAI (CIVITAI_API_BASE), Replicate
 (REPLICATE_API_BASE / REPLICATE_WEB_BASE), plain http(s) URLs and data: URLs.  See REFERENCE_FORMS for the
-accepted spellings.  Secrets (tokens, signed query strings) never reach logs, error messages, cache keys or
-file names: everything user-visible is built from `WeightsRef.display`.
+accepted spellings.  Secrets (tokens, signed query strings) never reach logs, error messages (nor their
+__cause__ / __context__ chains), cache keys or file names: everything user-visible is built from `WeightsRef.display`.
+A plain URL's cache key is its normalised URL plus its query minus signing/auth/expiry parameters (hashed).
+
+Network safety:
+  * SSRF guard (`_check_host`), before every request hop, before pget gets a URL and for the API bases: hosts
+    resolving (any address) to link-local / cloud metadata, multicast, unspecified or reserved addresses, or named
+    like a metadata service, are refused; loopback and private ranges too unless LORA_ALLOW_LOCAL_HOSTS=1.  (A name
+    is resolved here and again by the HTTP client: DNS rebinding between the two is not prevented.)
+  * Redirects are followed by our client, hop by hop; pget only ever gets the final, checked URL, and only for a
+    known size within LORA_MAX_BYTES (else the Python path streams with the cap enforced as bytes arrive).
+  * Retries (408/429/5xx, connection errors, Retry-After) for downloads and Hugging Face metadata calls; one whole
+    download may take at most LORA_DOWNLOAD_TIMEOUT seconds (default 1800), so a slow-drip server is cut off.
 
 Cache layout (LORA_CACHE_DIR):
     entries/<sha256(canonical_id)[:32]>/lora.safetensors [+ embeddings.pti, special_params.json] + meta.json
@@ -1096,24 +1107,25 @@ def _hf_catch(ctx: _Context, ref: WeightsRef) -> Iterator[None]:
         raise _hf_error(err, ctx, ref) from _scrub(err, ctx.secrets)
 
 
-def _hf_retry(call: Callable[[], Any], ctx: _Context) -> Any:
+def _hf_retry(call: Callable[[], Any], ctx: _Context, *, retries: int | None = None) -> Any:
     """A Hugging Face metadata call with the module's retry policy: 408/429/5xx and connection errors are retried
-    (at most MAX_RETRIES times, Retry-After honoured, else RETRY_BACKOFF doubled each time)."""
+    (at most `retries`, default MAX_RETRIES, times; Retry-After honoured, else RETRY_BACKOFF doubled each time)."""
     import httpx2
     from huggingface_hub import errors as hf_errors
 
+    limit = MAX_RETRIES if retries is None else retries
     attempt = 0
     while True:
         try:
             return call()
         except hf_errors.HfHubHTTPError as err:
             resp = getattr(err, "response", None)
-            if getattr(resp, "status_code", None) not in RETRY_STATUS or attempt >= MAX_RETRIES:
+            if getattr(resp, "status_code", None) not in RETRY_STATUS or attempt >= limit:
                 raise
             wait = _retry_after(resp, attempt)
             logger.info("%s: Hugging Face answered HTTP %s, retrying in %.2fs", ctx.display, resp.status_code, wait)
         except (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError):
-            if attempt >= MAX_RETRIES:
+            if attempt >= limit:
                 raise
             wait = _retry_after(None, attempt)
         time.sleep(wait)
@@ -1166,8 +1178,11 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
     with _hf_catch(ctx, ref):
         sha = ref.revision if _COMMIT_RE.fullmatch(ref.revision or "") else \
             _hf_retry(lambda: api.model_info(ref.repo, revision=ref.revision, token=token), ctx).sha
-        files = [f for f in _hf_retry(lambda: list(api.list_repo_tree(ref.repo, recursive=True, revision=sha, token=token)), ctx)
-                 if isinstance(f, RepoFile)]
+        # list_repo_tree already retries 429/5xx inside huggingface_hub (http_backoff, 5 tries): one more outer
+        # attempt covers what it does not (408, other transport errors) without multiplying the waits.
+        tree = _hf_retry(lambda: list(api.list_repo_tree(ref.repo, recursive=True, revision=sha, token=token)), ctx,
+                         retries=1)
+        files = [f for f in tree if isinstance(f, RepoFile)]
     if ref.path_is_dir:
         chosen = _pick_hf_file(files, ref, ctx)
     else:

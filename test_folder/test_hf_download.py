@@ -1,15 +1,47 @@
-"""Hugging Face references: every accepted form, file selection, auth and verification, against FakeHFHub."""
+"""Hugging Face, against loopback fakes (fakes.FakeHFHub via HF_ENDPOINT):
+
+* weights.py: every accepted reference form, file selection, auth, retries and verification;
+* script/download_weights, run as a subprocess the way a model owner runs it, filling a weights folder from a
+  fake hub that serves the tiny weights (the Illustrious repo holds a single-file A1111 checkpoint written by
+  test_folder/ldm_checkpoint.py), plus the round trip of that checkpoint through diffusers.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import weights
-from fakes import hf_hub, make_lora, sha256, weights_env  # noqa: F401  (fixtures)
-from weights import (AuthRequiredError, ChecksumError, InvalidReferenceError, LoraCache, NotFoundError, Tokens,
-                     parse_lora_ref)
+from fakes import FakeHFHub, hf_hub, make_lora, sha256, weights_env  # noqa: F401  (fixtures)
+from weights import (AuthRequiredError, BlockedHostError, ChecksumError, InvalidReferenceError, LoraCache, NotFoundError,
+                     Tokens, parse_lora_ref)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ldm_checkpoint import write_ldm_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "script" / "download_weights"
+sys.path.insert(0, str(REPO))
+from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402
 
 LORA = make_lora(1)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_allowed(monkeypatch):
+    """The fakes listen on 127.0.0.1, which weights.py refuses unless LORA_ALLOW_LOCAL_HOSTS=1."""
+    monkeypatch.setenv("LORA_ALLOW_LOCAL_HOSTS", "1")
 
 
 def fetch(text: str, tokens: Tokens | None = None, cache: LoraCache | None = None):
@@ -28,6 +60,10 @@ def fetch(text: str, tokens: Tokens | None = None, cache: LoraCache | None = Non
     ("hf://owner/repo@dev", "hf:owner/repo@dev:"),
     ("hf://owner/repo@dev/a/b.safetensors", "hf:owner/repo@dev:a/b.safetensors"),
     ("hf://owner/repo/sub", "hf:owner/repo@main:sub/"),
+    ("https://HUGGINGFACE.co/owner/repo", "hf:owner/repo@main:"),  # hosts are case-insensitive
+    ("HTTPS://HuggingFace.CO/owner/repo/blob/main/x.safetensors", "hf:owner/repo@main:x.safetensors"),
+    ("HUGGINGFACE.co/owner/repo", "hf:owner/repo@main:"),
+    ("https://HF.co/owner/repo", "hf:owner/repo@main:"),
 ])
 def test_parse_hf_forms(text, cid):
     ref = parse_lora_ref(text)
@@ -58,6 +94,25 @@ def test_repo_single_candidate_skips_checkpoints(hf_hub):
     hf_hub.add_file("o/r", "checkpoint-500/model.safetensors", make_lora(3))
     hf_hub.add_file("o/r", "loras/style.safetensors", LORA)
     assert fetch("hf://o/r").path.read_bytes() == LORA
+
+
+def test_file_named_checkpoint_is_a_candidate(hf_hub):
+    # Only checkpoint *folders* and optimizer/scheduler state are training leftovers; this name is a LoRA.
+    hf_hub.add_file("o/r", "my_checkpoint_style.safetensors", LORA)
+    hf_hub.add_file("o/r", "checkpoints/epoch1.safetensors", make_lora(2))
+    hf_hub.add_file("o/r", "checkpoint-500/optimizer.safetensors", make_lora(3))
+    hf_hub.add_file("o/r", "optimizer.safetensors", make_lora(4))
+    hf_hub.add_file("o/r", "scheduler.safetensors", make_lora(5))
+    lf = fetch("hf://o/r")
+    assert lf.path.read_bytes() == LORA and lf.ref.path == "my_checkpoint_style.safetensors"
+
+
+def test_training_state_filter():
+    skip = weights._hf_training_state
+    assert skip("checkpoint-500/model.safetensors") and skip("Checkpoints/a.safetensors") and skip("a/checkpoint/x.safetensors")
+    assert skip("optimizer.safetensors") and skip("sub/scheduler_0.safetensors")
+    assert not skip("my_checkpoint_style.safetensors") and not skip("checkpoint-style.safetensors")
+    assert not skip("loras/checkpoint_merge_lora.safetensors") and not skip("pytorch_lora_weights.safetensors")
 
 
 def test_repo_several_candidates_lists_them(hf_hub):
@@ -110,6 +165,40 @@ def test_repeat_is_a_cache_hit_without_download(hf_hub):
     assert first.path == second.path
     assert hf_hub.count(r"/resolve/", "GET") == 1
     assert cache.stats["hits"] == 1 and cache.stats["misses"] == 1
+
+
+@pytest.mark.parametrize("api", ["revision", "tree"])
+def test_metadata_calls_are_retried(hf_hub, monkeypatch, api):
+    sleeps = []
+    monkeypatch.setattr(weights.time, "sleep", sleeps.append)  # the time module: huggingface_hub's sleeps too
+    hf_hub.add_file("o/r", "pytorch_lora_weights.safetensors", LORA)
+    hf_hub.fail(rf"^/api/models/o/r/{api}/", 503, times=1, headers={"Retry-After": "0.5"})
+    assert fetch("hf://o/r").path.read_bytes() == LORA
+    assert hf_hub.count(rf"^/api/models/o/r/{api}/") == 2 and len(sleeps) == 1
+    if api == "revision":  # ours (model_info has no retry of its own): Retry-After honoured
+        assert sleeps == [0.5]
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_model_info_retry_is_bounded(hf_hub, monkeypatch, status):
+    monkeypatch.setattr(weights, "MAX_RETRIES", 2)
+    hf_hub.add_file("o/r", "pytorch_lora_weights.safetensors", LORA)
+    hf_hub.fail(r"^/api/models/o/r/revision/", status, times=-1)
+    with pytest.raises(weights.NetworkError, match="lora_weights"):
+        fetch("hf://o/r")
+    assert hf_hub.count(r"^/api/models/o/r/revision/") == 3
+
+
+def test_model_info_404_is_not_retried(hf_hub):
+    with pytest.raises((NotFoundError, AuthRequiredError)):
+        fetch("hf://o/missing", Tokens(hf="hf_x"))
+    assert hf_hub.count(r"^/api/models/o/missing") == 1
+
+
+def test_hf_endpoint_is_checked_by_the_ssrf_guard(weights_env, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://169.254.169.254")
+    with pytest.raises(BlockedHostError, match="HF_ENDPOINT http://169.254.169.254 points to a link-local"):
+        fetch("hf://o/r")
 
 
 def test_private_repo_needs_token(hf_hub):
@@ -186,3 +275,302 @@ def test_pget_for_public_hf_file(hf_hub, weights_env, monkeypatch):
     hf_hub.add_file("o/r", "x.safetensors", LORA)
     assert fetch("hf://o/r/x.safetensors").path.read_bytes() == LORA
     assert "/o/r/resolve/" in (bindir / "pget.log").read_text()
+
+
+# ============================================================================ script/download_weights (subprocess)
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
+SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
+ILLUSTRIOUS_REPO = "OnomaAIResearch/Illustrious-xl-early-release-v0"
+ILLUSTRIOUS_FILE = "Illustrious-XL-v0.1.safetensors"
+TOKEN = "hf_fake_token_for_tests_0123456789"
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+def _folder_files(folder: Path, rename=lambda rel: rel) -> dict[str, bytes]:
+    return {rename(p.relative_to(folder).as_posix()): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fp16_name(rel: str) -> str:
+    for stem in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
+        if rel == f"{stem}.safetensors":
+            return f"{stem}.fp16.safetensors"
+    return rel
+
+
+DECOYS = {  # files the real repos also hold and that must never be fetched
+    SDXL_REPO: ["unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors", "sd_xl_base_1.0.safetensors", "README.md"],
+    VAE_REPO: ["sdxl_vae.safetensors", "diffusion_pytorch_model.bin", "README.md"],
+    SAFETY_REPO: ["pytorch_model.bin", "README.md"],
+    ILLUSTRIOUS_REPO: ["README.md", "samples/preview.png"],
+}
+
+
+@pytest.fixture(scope="module")
+def hub_repos(tiny_weights: Path, tmp_path_factory) -> dict[str, dict[str, bytes]]:
+    work = tmp_path_factory.mktemp("hub-src")
+    checkpoint = write_ldm_checkpoint(
+        tiny_weights / MODEL_DIRS["illustrious"], tiny_weights / VAE_DIR, work / ILLUSTRIOUS_FILE, torch.float16
+    )
+    repos = {
+        SDXL_REPO: _folder_files(tiny_weights / MODEL_DIRS["sdxl"], _fp16_name),
+        VAE_REPO: _folder_files(tiny_weights / VAE_DIR),
+        SAFETY_REPO: _folder_files(tiny_weights / SAFETY_DIR),
+        ILLUSTRIOUS_REPO: {ILLUSTRIOUS_FILE: checkpoint.read_bytes()},
+    }
+    for repo, names in DECOYS.items():
+        for name in names:
+            repos[repo][name] = b"decoy " + name.encode() + b" " * 64
+    return repos
+
+
+@pytest.fixture(scope="module")
+def hub(hub_repos):
+    with FakeHFHub() as server:
+        for repo, files in hub_repos.items():
+            for path, data in files.items():
+                server.add_file(repo, path, data)
+        yield server
+
+
+def run_script(hub: FakeHFHub, dest: Path, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "WEIGHTS_DIR"}
+    home = dest.parent / f".hf-home-{dest.name}"
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN=token,
+        HF_HOME=str(home),  # no shared cache, no stored token
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--dest", str(dest), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=str(REPO),
+    )
+
+
+def _text_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        ("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
+        for k, v in state.items()
+    }
+
+
+def repo_requests(hub: FakeHFHub, start: int) -> list[tuple[str, str, str | None]]:
+    """(method, path, authorization) of the requests about repos (huggingface_hub may also fetch its own
+    /api/agent-harnesses registry)."""
+    return [(r.method, r.path, r.headers.get("authorization")) for r in hub.requests[start:]
+            if r.path != "/api/agent-harnesses"]
+
+
+def assert_no_leftovers(dest: Path) -> None:
+    if dest.exists():
+        assert not [p.name for p in dest.iterdir() if p.name.startswith(".")], list(dest.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_downloads_layout_verifies_and_is_idempotent(hub: FakeHFHub, tiny_weights: Path, tmp_path: Path):
+    dest = tmp_path / "weights"
+    before = len(hub.requests)
+    result = run_script(hub, dest)
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert TOKEN not in output
+    first_requests = repo_requests(hub, before)
+    assert first_requests and all(auth == f"Bearer {TOKEN}" for _, _, auth in first_requests)
+    fetched = {path for method, path, _ in first_requests if method == "GET" and "/resolve/" in path}
+    for repo, names in DECOYS.items():
+        for name in names:
+            assert not any(p.startswith(f"/{repo}/resolve/") and p.endswith("/" + name) for p in fetched), name
+
+    # layout
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*MODEL_DIRS.values(), VAE_DIR, SAFETY_DIR])
+    for name in MODEL_DIRS.values():
+        folder = dest / name
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [
+            "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet"]
+        assert (folder / "model_index.json").is_file() and (folder / "MANIFEST.json").is_file()
+        assert not [p for p in folder.rglob("*") if ".fp16." in p.name or p.name.startswith(".")]
+    for folder in (dest / VAE_DIR, dest / SAFETY_DIR):
+        assert (folder / "MANIFEST.json").is_file()
+
+    # sdxl-base, vae, safety: byte for byte the originals (variant suffix dropped)
+    for name in (MODEL_DIRS["sdxl"], VAE_DIR, SAFETY_DIR):
+        expected = _folder_files(tiny_weights / name)
+        got = {k: v for k, v in _folder_files(dest / name).items() if k != "MANIFEST.json"}
+        assert got.keys() == expected.keys(), name
+        assert all(got[k] == expected[k] for k in expected), name
+
+    # illustrious-xl: converted from the single file; tensors equal the tiny originals (fp16, as converted)
+    src, out = tiny_weights / MODEL_DIRS["illustrious"], dest / MODEL_DIRS["illustrious"]
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "text_encoder_2/model.safetensors"):
+        want = _text_model_keys(load_file(str(src / rel)))
+        got = _text_model_keys(load_file(str(out / rel)))
+        assert got.keys() == want.keys(), rel
+        for key, value in want.items():
+            assert got[key].dtype == torch.float16, key
+            assert torch.equal(got[key], value.to(torch.float16)), f"{rel}: {key}"
+    for rel in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer_2/merges.txt"):
+        assert (out / rel).read_bytes() == (dest / MODEL_DIRS["sdxl"] / rel).read_bytes(), rel
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["repo"] == ILLUSTRIOUS_REPO and manifest["commit"] == hub.commit(ILLUSTRIOUS_REPO)
+    assert ILLUSTRIOUS_FILE in manifest["origin"]
+    assert manifest["files"]["unet/diffusion_pytorch_model.safetensors"]["sha256"] == hashlib.sha256(
+        (out / "unet/diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    # one log line per component, with size and time
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[") and " in " in line]
+    assert len(lines) == 4 and all("B in " in line and line.rstrip().endswith(line.split("-> ")[-1]) for line in lines)
+
+    # second run: nothing requested from the hub, nothing changed
+    mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
+    count = len(hub.requests)
+    again = run_script(hub, dest)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert repo_requests(hub, count) == []
+    assert again.stdout.count("already complete") == 4
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == mtimes
+
+    # a damaged component is no longer "complete" (checked in-process: no subprocess, no network)
+    script = _load_script()
+    assert all(script.is_complete(name, dest / script.SOURCES[name]["folder"]) for name in script.ORDER)
+    vae_file = dest / VAE_DIR / "diffusion_pytorch_model.safetensors"
+    vae_file.write_bytes(vae_file.read_bytes()[:100])
+    assert not script.is_complete("vae", dest / VAE_DIR)
+    assert_no_leftovers(dest)
+
+
+def test_checksum_mismatch_fails_and_keeps_nothing(hub: FakeHFHub, tmp_path: Path):
+    dest = tmp_path / "weights"
+    data = hub.repos[SAFETY_REPO].files["model.safetensors"].data
+    hub.set_served(SAFETY_REPO, "model.safetensors", bytes([data[0] ^ 0xFF]) + data[1:])  # same size, other bytes
+    try:
+        result = run_script(hub, dest, "--only", "safety")
+    finally:
+        hub.set_served(SAFETY_REPO, "model.safetensors", None)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "checksum mismatch" in result.stderr
+    assert f"{SAFETY_REPO}/model.safetensors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (dest / SAFETY_DIR).exists()
+    assert_no_leftovers(dest)
+
+
+def test_missing_repo_gives_clear_error(hub: FakeHFHub, tmp_path: Path):
+    dest = tmp_path / "weights"
+    hub.set_hidden(SAFETY_REPO)
+    try:
+        result = run_script(hub, dest, "--only", "safety")
+    finally:
+        hub.set_hidden(SAFETY_REPO, False)
+    assert result.returncode == 1
+    assert "repository not found" in result.stderr and SAFETY_REPO in result.stderr
+    assert "SOURCES" in result.stderr and "HF_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_no_leftovers(dest)
+    assert not (dest / SAFETY_DIR).exists()
+
+
+# ------------------------------------------------------------------------------ script internals, in-process
+def _load_script():
+    """script/download_weights as a module (it has no .py suffix)."""
+    if "download_weights_script" not in sys.modules:
+        loader = importlib.machinery.SourceFileLoader("download_weights_script", str(SCRIPT))
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        sys.modules[loader.name] = module
+    return sys.modules["download_weights_script"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+def test_gated_repo_says_to_accept_and_set_token(script, hub: FakeHFHub, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # read at call time, as in the script
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    hub.set_gated(ILLUSTRIOUS_REPO, "hf_has_access", api=True)
+    count = len(hub.requests)
+    try:
+        with pytest.raises(script.DownloadError) as raised:
+            script.Hub().resolve(ILLUSTRIOUS_REPO, "main")
+    finally:
+        hub.set_gated(ILLUSTRIOUS_REPO, None)
+    message = str(raised.value)
+    assert "gated" in message and "HF_TOKEN" in message and ILLUSTRIOUS_REPO in message and TOKEN not in message
+    calls = [r for r in repo_requests(hub, count) if r[1].startswith(f"/api/models/{ILLUSTRIOUS_REPO}")]
+    assert calls and all(auth == f"Bearer {TOKEN}" for _, _, auth in calls)  # sent per request
+
+
+class _Entry:
+    def __init__(self, path):
+        self.path, self.blob_id, self.lfs, self.size = path, "0" * 40, None, 1
+
+
+def test_single_file_selection(script):
+    tree = {p: _Entry(p) for p in ("README.md", "other-name.safetensors", "sub/x.safetensors")}
+    assert script.select_files("illustrious", tree) == ["other-name.safetensors"]
+    tree["second.safetensors"] = _Entry("second.safetensors")
+    with pytest.raises(script.DownloadError, match="other-name.safetensors, second.safetensors"):
+        script.select_files("illustrious", tree)
+    tree[ILLUSTRIOUS_FILE] = _Entry(ILLUSTRIOUS_FILE)
+    assert script.select_files("illustrious", tree) == [ILLUSTRIOUS_FILE]
+    with pytest.raises(script.DownloadError, match="no root-level"):
+        script.select_files("illustrious", {"README.md": _Entry("README.md")})
+
+
+def test_variant_names_and_sources(script):
+    assert script.strip_variant("unet/diffusion_pytorch_model.fp16.safetensors", "fp16") == (
+        "unet/diffusion_pytorch_model.safetensors")
+    assert script.strip_variant("text_encoder/model.fp16.safetensors", "fp16") == "text_encoder/model.safetensors"
+    assert script.strip_variant("unet/config.json", "fp16") == "unet/config.json"
+    sdxl = script.SOURCES["sdxl"]["files"]
+    assert not [f for f in sdxl if f.startswith("vae")]
+    assert all(".fp16." in f for f in sdxl if f.endswith(".safetensors"))
+
+
+def test_ldm_checkpoint_round_trip(tiny_weights: Path, tmp_path: Path):
+    """from_single_file(config=<tiny folder>) gives back exactly the tensors ldm_checkpoint.py wrote."""
+    from diffusers import StableDiffusionXLPipeline
+
+    src = tiny_weights / MODEL_DIRS["illustrious"]
+    checkpoint = write_ldm_checkpoint(src, tiny_weights / VAE_DIR, tmp_path / "model.safetensors")
+    # Config only (no weights), from the *other* tiny model: every tensor must come from the checkpoint.
+    config = tmp_path / "config"
+    shutil.copytree(tiny_weights / MODEL_DIRS["sdxl"], config, ignore=shutil.ignore_patterns("*.safetensors"))
+    (config / "vae").mkdir()
+    shutil.copy(tiny_weights / VAE_DIR / "config.json", config / "vae" / "config.json")
+
+    script_module = _load_script()
+    # diffusers tells CLIP-L from CLIP-G by width only; the tiny encoders share one, so CLIP-G is passed in,
+    # converted by diffusers' own OpenCLIP converter (as script/download_weights does).
+    te2 = script_module.load_open_clip_g(checkpoint, config, torch.float32)
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(checkpoint), config=str(config), local_files_only=True, text_encoder_2=te2
+    )
+    originals = {
+        "unet": (pipe.unet, src / "unet/diffusion_pytorch_model.safetensors"),
+        "vae": (pipe.vae, tiny_weights / VAE_DIR / "diffusion_pytorch_model.safetensors"),
+        "text_encoder": (pipe.text_encoder, src / "text_encoder/model.safetensors"),
+        "text_encoder_2": (pipe.text_encoder_2, src / "text_encoder_2/model.safetensors"),
+    }
+    for name, (model, file) in originals.items():
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+        want = load_file(str(file))
+        if not hasattr(model, "text_model"):
+            want = {k.removeprefix("text_model."): v for k, v in want.items()}
+        assert state.keys() == want.keys(), name
+        for key, value in want.items():
+            assert torch.equal(state[key], value), f"{name}: {key}"

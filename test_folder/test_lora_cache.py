@@ -18,6 +18,12 @@ from weights import LoraCache, Tokens, TooLargeError, parse_lora_ref
 LORAS = [make_lora(i) for i in range(4)]
 
 
+@pytest.fixture(autouse=True)
+def _loopback_allowed(monkeypatch):
+    """The fakes listen on 127.0.0.1, which weights.py refuses unless LORA_ALLOW_LOCAL_HOSTS=1."""
+    monkeypatch.setenv("LORA_ALLOW_LOCAL_HOSTS", "1")
+
+
 def serve(files, n: int = 4) -> list:
     return [parse_lora_ref(files.add_file(f"/l{i}.safetensors", LORAS[i])) for i in range(n)]
 

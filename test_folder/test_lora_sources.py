@@ -6,16 +6,25 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import socket
+import time
 
 import pytest
+import urllib3
 
 import weights
 from fakes import (Response, civitai, files, hf_hub, make_lora, make_trainer_tar, replicate, sha256,  # noqa: F401
                    weights_env, write_fake_pget)
-from weights import (AuthRequiredError, ChecksumError, IncompatibleError, InvalidReferenceError, LoraCache, NetworkError,
-                     NotFoundError, Tokens, TooLargeError, WeightsError, parse_lora_ref)
+from weights import (AuthRequiredError, BlockedHostError, ChecksumError, IncompatibleError, InvalidReferenceError,
+                     LoraCache, NetworkError, NotFoundError, Tokens, TooLargeError, WeightsError, parse_lora_ref)
 
 LORA = make_lora(1)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_allowed(monkeypatch):
+    """The fakes listen on 127.0.0.1, which weights.py refuses unless LORA_ALLOW_LOCAL_HOSTS=1 (SSRF tests unset it)."""
+    monkeypatch.setenv("LORA_ALLOW_LOCAL_HOSTS", "1")
 
 
 def fetch(text: str, tokens: Tokens | None = None, cache: LoraCache | None = None, input_name: str = "lora_weights"):
@@ -29,6 +38,8 @@ def fetch(text: str, tokens: Tokens | None = None, cache: LoraCache | None = Non
     ("https://civitai.com/models/123/some-slug", "civitai", "civitai-model:123"),
     ("https://civitai.com/models/123/some-slug?modelVersionId=456", "civitai", "civitai:456"),
     ("https://civitai.red/models/123?modelVersionId=456", "civitai", "civitai:456"),
+    ("civitai.com/models/123?modelversionid=456", "civitai", "civitai:456"),  # any case of the parameter name
+    ("https://CivitAI.com/models/123/slug?MODELVERSIONID=456&x=1", "civitai", "civitai:456"),
     ("https://civitai.com/api/download/models/456?type=Model&format=SafeTensor", "civitai", "civitai:456"),
     ("urn:air:sdxl:lora:civitai:123@456", "civitai", "civitai:456"),
     ("air:illustrious:lora:civitai:123@456", "civitai", "civitai:456"),
@@ -55,6 +66,37 @@ def test_parse_url_drops_signed_query_from_key_and_display():
     b = parse_lora_ref("https://user:pw@CDN.example.com/x/lora.safetensors?X-Amz-Signature=BBB")
     assert a.source == "url" and a.canonical_id == b.canonical_id and a.canonical_id.startswith("url:")
     assert "Signature" not in a.display and "AAA" not in repr(a) and "pw" not in b.display
+
+
+def test_parse_url_query_that_names_the_file_is_part_of_the_key():
+    one = parse_lora_ref("https://files.example.com/download?id=1")
+    two = parse_lora_ref("https://files.example.com/download?id=2")
+    assert one.canonical_id != two.canonical_id
+    assert one.display == two.display == "https://files.example.com/download"  # the display stays query-free
+    # Signing / auth / expiry parameters (any case) are not part of the key; the others are, in any order.
+    signed = ("https://files.example.com/download?sig=S&id=1&se=2030-01-01&X-Goog-Signature=G&Expires=9&token=T"
+              "&x-ms-version=1&Policy=P&Key-Pair-Id=K&response-content-disposition=a&download=true")
+    assert parse_lora_ref(signed).canonical_id == one.canonical_id
+    assert parse_lora_ref("https://files.example.com/download?b=2&a=1").canonical_id == \
+        parse_lora_ref("https://files.example.com/download?a=1&b=2").canonical_id
+    assert parse_lora_ref("https://files.example.com/download").canonical_id not in (one.canonical_id, two.canonical_id)
+
+
+def test_urls_differing_only_in_query_are_different_loras(files):
+    loras = {"1": LORA, "2": make_lora(2)}
+    files.route("GET", r"/download", lambda req: weights_file(req, loras[req.query["id"][0]]))
+    cache = LoraCache.from_env()
+    first = fetch(files.url + "/download?id=1&sig=A", cache=cache)
+    second = fetch(files.url + "/download?id=2&sig=A", cache=cache)
+    again = fetch(files.url + "/download?sig=B&id=1", cache=cache)  # re-signed: the same file
+    assert first.path.read_bytes() == LORA and second.path.read_bytes() == make_lora(2)
+    assert again.path == first.path and cache.stats["entries"] == 2 and cache.stats["hits"] == 1
+
+
+def weights_file(req, data: bytes):
+    from fakes import file_response
+
+    return file_response(req, data)
 
 
 def test_parse_data_url():
@@ -129,12 +171,25 @@ def test_civitai_login_redirect(civitai):
         fetch("urn:air:sdxl:lora:civitai:10@100")
 
 
-@pytest.mark.parametrize("base", ["SD 1.5", "Flux.1 D", "SD 3"])
+@pytest.mark.parametrize("base", ["SD 1.5", "Flux.1 D", "SD 3", "Pony V7", "SDXL Lightning Plus", "Illustrious 2 Flux",
+                                  "", "Other"])
 def test_civitai_rejects_other_base_models(civitai, base):
     civitai.add_version(10, 100, LORA, base_model=base)
     with pytest.raises(IncompatibleError, match="SDXL") as e:
         fetch("urn:air:sdxl:lora:civitai:10@100")
-    assert base in str(e.value)
+    assert repr(base) in str(e.value)  # the base is named
+
+
+@pytest.mark.parametrize("base", ["Pony", "SDXL 1.0", "SDXL 0.9", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo",
+                                  "SDXL Lightning", "SDXL Hyper", "Illustrious", "NoobAI", " sdxl  1.0 ", "PONY"])
+def test_civitai_accepts_sdxl_family(civitai, base):
+    civitai.add_version(10, 100, LORA, base_model=base)
+    assert fetch("urn:air:sdxl:lora:civitai:10@100").base_model == base
+
+
+def test_sdxl_family_is_an_exact_table():
+    assert weights._is_sdxl_family("Pony") and not weights._is_sdxl_family("Pony V7")
+    assert not weights._is_sdxl_family("SDXL-ish") and not weights._is_sdxl_family(None)
 
 
 def test_civitai_refuses_pickle_and_checkpoints(civitai):
@@ -321,15 +376,53 @@ def test_data_url():
 
 
 # -------------------------------------------------------------------------------------------------- pget
-def test_pget_used_when_on_path(files, weights_env, monkeypatch):
+def fake_pget(weights_env, monkeypatch):
     bindir = weights_env / "bin"
     write_fake_pget(bindir)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     monkeypatch.setattr(weights, "PGET_MIN_BYTES", 0)
-    files.add_file("/f.safetensors", LORA)
+    return bindir / "pget.log"
+
+
+def test_pget_used_when_on_path(files, weights_env, monkeypatch):
+    log = fake_pget(weights_env, monkeypatch)
+    files.add_file("/real/f.safetensors", LORA)
+    files.add_redirect("/f.safetensors", "/real/f.safetensors")
     assert fetch(files.url + "/f.safetensors").path.read_bytes() == LORA
-    assert (bindir / "pget.log").read_text().split() == ["/f.safetensors"]
-    assert files.count(r"/f", "GET") == 1  # only pget fetched it
+    # Our client followed (and checked) the redirect and read the size; pget got the final URL and the body.
+    assert log.read_text().split() == ["/real/f.safetensors"]
+    assert files.count(r"^/f", "GET") == 1 and files.count(r"^/real/f", "GET") == 2
+
+
+def test_pget_not_used_for_oversize_content_length(files, weights_env, monkeypatch):
+    log = fake_pget(weights_env, monkeypatch)
+    monkeypatch.setenv("LORA_MAX_BYTES", "1000")
+    files.add_file("/f.safetensors", LORA)
+    with pytest.raises(TooLargeError, match="LORA_MAX_BYTES"):
+        fetch(files.url + "/f.safetensors")
+    assert not log.exists()  # refused before pget ran
+
+
+def test_pget_not_used_for_unknown_size(files, weights_env, monkeypatch):
+    log = fake_pget(weights_env, monkeypatch)
+    files.add_file("/f.safetensors", LORA)
+    files.no_length(r"/f")
+    assert fetch(files.url + "/f.safetensors").path.read_bytes() == LORA
+    assert not log.exists()  # streamed in Python, with the cap enforced as it arrived
+    monkeypatch.setenv("LORA_MAX_BYTES", "1000")
+    files.add_file("/g.safetensors", make_lora(2))
+    files.no_length(r"/g")
+    with pytest.raises(TooLargeError):
+        fetch(files.url + "/g.safetensors")
+    assert not log.exists()
+
+
+def test_pget_never_gets_a_redirect_to_a_blocked_host(files, weights_env, monkeypatch):
+    log = fake_pget(weights_env, monkeypatch)
+    files.add_redirect("/f.safetensors", "http://169.254.169.254/latest/meta-data/x.safetensors")
+    with pytest.raises(BlockedHostError, match="link-local"):
+        fetch(files.url + "/f.safetensors")
+    assert not log.exists()
 
 
 def test_pget_for_civitai_gets_presigned_url_without_token(civitai, weights_env, monkeypatch):
@@ -376,10 +469,15 @@ def test_secrets_never_leak(civitai, files, hf_hub, weights_env, caplog):
             lf = fetch(text, tokens, cache=cache)
             texts.append(repr(lf))
         except WeightsError as err:
-            chain = err
-            while chain is not None:
-                texts.append(f"{type(chain).__name__}: {chain}")
-                chain = chain.__cause__
+            # Walk both chains: `raise X from Y` also keeps the exception being handled in X.__context__.
+            todo, seen = [err], set()
+            while todo:
+                node = todo.pop()
+                if node is None or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                texts.append(f"{type(node).__name__}: {node} {node.args!r}")
+                todo += [node.__cause__, node.__context__]
         texts.append(repr(parse_lora_ref(text)))
     texts.append(caplog.text)
     for path in weights_env.joinpath("cache").rglob("*"):
@@ -408,3 +506,136 @@ def test_valid_safetensors_whose_header_length_starts_like_html_json_or_pickle(t
     path.write_bytes(_struct.pack("<Q", len(raw)) + raw + b"\0\0\0\0")
     assert path.read_bytes()[0] == low_byte
     assert "w" in check_safetensors(path)
+
+
+# ------------------------------------------------------------------------------------------- SSRF guard
+@pytest.fixture
+def no_connect_to(monkeypatch):
+    """Fail the test if anything opens a connection to one of the returned set's hosts (filled by the test)."""
+    forbidden: set[str] = set()
+    attempts: list[str] = []
+
+    def guard(real):
+        def create_connection(address, *args, **kwargs):
+            attempts.append(address[0])
+            if address[0] in forbidden:
+                pytest.fail(f"a connection to {address[0]} was attempted")
+            return real(address, *args, **kwargs)
+        return create_connection
+
+    monkeypatch.setattr(socket, "create_connection", guard(socket.create_connection))
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", guard(urllib3.util.connection.create_connection))
+    forbidden.update({"169.254.169.254", "metadata.google.internal", "10.0.0.5", "[fe80::1]", "fe80::1"})
+    return attempts
+
+
+def test_link_local_url_is_refused(weights_env, no_connect_to):
+    with pytest.raises(BlockedHostError) as e:
+        fetch("http://169.254.169.254/latest/meta-data/x.safetensors?token=T")
+    assert str(e.value).startswith("lora_weights: http://169.254.169.254/latest/meta-data/x.safetensors points to a "
+                                   "link-local / cloud metadata address (expected a public http(s) URL")
+    assert "token" not in str(e.value) and not no_connect_to
+
+
+def test_loopback_redirect_to_metadata_is_refused_before_connecting(files, no_connect_to):
+    files.add_redirect("/f.safetensors", "http://169.254.169.254/latest/meta-data/iam/x.safetensors")
+    with pytest.raises(BlockedHostError) as e:
+        fetch(files.url + "/f.safetensors")
+    msg = str(e.value)
+    assert "redirected to http://169.254.169.254/latest/meta-data/iam/x.safetensors" in msg and "link-local" in msg
+    assert "169.254.169.254" not in no_connect_to and files.count(r"/f") == 1
+
+
+def test_redirect_to_a_name_resolving_to_link_local_is_refused(files, no_connect_to, monkeypatch):
+    """Every resolved address counts: one public and one metadata address is refused."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "sneaky.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    files.add_redirect("/f.safetensors", "http://sneaky.example/x.safetensors")
+    with pytest.raises(BlockedHostError, match="sneaky.example/x.safetensors, which points to a link-local"):
+        fetch(files.url + "/f.safetensors")
+    assert "sneaky.example" not in no_connect_to
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://metadata.google.internal/computeMetadata/v1/x.safetensors", "metadata"),
+    ("http://metadata/x.safetensors", "metadata"),
+    ("http://instance-data/latest/x.safetensors", "metadata"),
+    ("http://METADATA.google.internal./x.safetensors", "metadata"),
+    ("http://[fe80::1]/x.safetensors", "link-local"),
+    ("http://[::ffff:169.254.169.254]/x.safetensors", "link-local"),
+    ("http://0.0.0.0:8080/x.safetensors", "unspecified"),
+    ("http://[::]/x.safetensors", "unspecified"),
+    ("http://224.0.0.1/x.safetensors", "multicast"),
+    ("http://240.0.0.1/x.safetensors", "reserved"),
+])
+def test_always_refused_hosts(weights_env, no_connect_to, monkeypatch, url, reason):
+    def no_dns(*args, **kwargs):
+        pytest.fail("metadata names and IP literals are refused without a DNS look-up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(BlockedHostError, match=reason):  # even with LORA_ALLOW_LOCAL_HOSTS=1
+        fetch(url)
+    assert not no_connect_to
+
+
+def test_loopback_and_private_refused_unless_allowed(files, no_connect_to, monkeypatch):
+    files.add_file("/f.safetensors", LORA)
+    monkeypatch.delenv("LORA_ALLOW_LOCAL_HOSTS")
+    with pytest.raises(BlockedHostError, match="loopback address.*LORA_ALLOW_LOCAL_HOSTS=1"):
+        fetch(files.url + "/f.safetensors")
+    with pytest.raises(BlockedHostError, match="loopback"):
+        fetch(files.url.replace("127.0.0.1", "localhost") + "/f.safetensors")
+    for host in ("10.0.0.5", "172.16.1.1", "192.168.1.1", "100.64.0.1", "[fc00::1]"):
+        with pytest.raises(BlockedHostError, match="private-network"):
+            fetch(f"http://{host}/f.safetensors")
+    assert not files.requests and not no_connect_to
+    monkeypatch.setenv("LORA_ALLOW_LOCAL_HOSTS", "1")
+    assert fetch(files.url + "/f.safetensors").path.read_bytes() == LORA
+
+
+def test_api_bases_are_checked(weights_env, monkeypatch, no_connect_to):
+    monkeypatch.setenv("CIVITAI_API_BASE", "http://169.254.169.254")
+    with pytest.raises(BlockedHostError, match="link-local"):
+        fetch("urn:air:sdxl:lora:civitai:1@2")
+    monkeypatch.setenv("REPLICATE_API_BASE", "http://169.254.169.254")
+    with pytest.raises(BlockedHostError, match="link-local"):
+        fetch("me/model", Tokens(replicate="r8_x"))
+    assert not no_connect_to
+
+
+def test_unresolvable_name_is_a_network_error(weights_env, monkeypatch):
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "no-such-host.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(NetworkError, match="could not reach"):
+        fetch("http://no-such-host.invalid/x.safetensors")
+
+
+# -------------------------------------------------------------------------------------- overall deadline
+def test_slow_drip_download_hits_the_deadline(files, monkeypatch):
+    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "0.5")
+    files.add_file("/f.safetensors", LORA)
+    files.drip(r"/f", 0.05)  # a byte every 50 ms: each read is quick, the whole would take minutes
+    started = time.monotonic()
+    with pytest.raises(NetworkError, match="took too long.*LORA_DOWNLOAD_TIMEOUT"):
+        fetch(files.url + "/f.safetensors")
+    assert time.monotonic() - started < 3
+
+
+def test_deadline_default_and_env(monkeypatch):
+    monkeypatch.delenv("LORA_DOWNLOAD_TIMEOUT", raising=False)
+    assert weights._download_timeout() == weights.DEFAULT_DOWNLOAD_TIMEOUT == 1800
+    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "12.5")
+    assert weights._download_timeout() == 12.5
