@@ -822,7 +822,7 @@ def _json(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, au
     resp = _open(session, url, ctx, auth, extra={"Accept": "application/json"}, auth_hint=auth_hint, not_found=not_found)
     try:
         return resp.json()
-    except ValueError as err:
+    except ValueError:
         raise _err(NetworkError, ctx.input_name, f"{ctx.display}: the API answered with something that is not JSON",
                    expected="JSON", got=resp.headers.get("Content-Type", "no content type")) from None
     finally:

@@ -229,7 +229,7 @@ def test_replicate_version_forms(replicate):
     replicate.add_version("me/style", "v2", make_trainer_tar(make_lora(2)))
     cache = LoraCache.from_env()
     assert fetch("me/style:v1", cache=cache).path.read_bytes() == LORA
-    assert fetch(f"me/style/versions/v1", cache=cache).ref.canonical_id == "replicate:me/style:v1"
+    assert fetch("me/style/versions/v1", cache=cache).ref.canonical_id == "replicate:me/style:v1"
     assert cache.stats["hits"] == 1
 
 
