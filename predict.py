@@ -7,6 +7,7 @@ merging in lora.py and prompt encoding in prompts.py.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -88,6 +89,7 @@ class Request:
     output_format: str
     output_quality: int
     safety_checker: bool
+    checkpoint: Optional[weights.WeightsRef] = None  # a custom checkpoint instead of the baked models
 
 
 def check_inputs(
@@ -121,6 +123,7 @@ def check_inputs(
     output_quality: int,
     disable_safety_checker: bool,
     use_standard_sdxl: bool,
+    checkpoint: Optional[str] = None,
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -129,6 +132,12 @@ def check_inputs(
             raise utils.InputError(message)
 
     spec = utils.model_spec(use_standard_sdxl)
+    checkpoint_ref = None
+    if checkpoint is not None and checkpoint.strip():
+        expect(not use_standard_sdxl, "checkpoint: a custom checkpoint replaces the base model; got it together with "
+               "use_standard_sdxl=true (leave one of them out)")
+        checkpoint_ref = weights.parse_checkpoint_ref(checkpoint.strip())
+        spec = utils.checkpoint_spec(checkpoint_ref.canonical_id, checkpoint_ref.display)
     num_inference_steps = spec.steps if num_inference_steps is None else num_inference_steps
     expect(isinstance(prompt, str) and prompt.strip() != "", f"prompt: expected non-empty text, got {prompt!r}")
     expect(aspect_ratio in ASPECT_RATIO_CHOICES, f"aspect_ratio: expected one of {ASPECT_RATIO_CHOICES}, got {aspect_ratio!r}")
@@ -215,6 +224,7 @@ def check_inputs(
         output_format=output_format,
         output_quality=int(output_quality),
         safety_checker=not disable_safety_checker,
+        checkpoint=checkpoint_ref,
     )
 
 
@@ -246,9 +256,12 @@ class Predictor(BasePredictor):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         weights_dir = FsPath(os.environ.get("WEIGHTS_DIR") or FsPath(__file__).resolve().parent / "weights")
         device, dtype = utils.pick_device()
+        self.weights_dir = weights_dir
         self.models = utils.load_models(weights_dir, device, dtype)
         self.mergers = {key: lora.LoraMerger(model.txt2img) for key, model in self.models.models.items()}
         self.lora_cache = weights.LoraCache.from_env()
+        self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
+        self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
 
     def predict(
         self,
@@ -383,6 +396,13 @@ class Predictor(BasePredictor):
             description="Use standard SDXL base 1.0 instead of Illustrious XL (for realistic content).",
             default=False,
         ),
+        checkpoint: Optional[str] = Input(
+            description="A full SDXL-family checkpoint to use instead of Illustrious XL: NoobAI-XL (also "
+            "v-prediction), Pony, Illustrious merges, ... as a single .safetensors file (A1111 layout), in the same "
+            "forms as lora_weights: huggingface.co/owner/repo[/file], hf://, civitai.com/models/<id>, an AIR urn, "
+            "or a .safetensors URL. Downloaded once, then cached.",
+            default=None,
+        ),
         embed_metadata: bool = Input(
             description="Write the generation parameters into each file in A1111's format (PNG text / EXIF "
             "UserComment), readable by A1111's PNG Info and CivitAI.",
@@ -420,15 +440,22 @@ class Predictor(BasePredictor):
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
             use_standard_sdxl=use_standard_sdxl,
+            checkpoint=checkpoint,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
         logger.info("validated inputs in %.3fs", time.perf_counter() - started)
 
-        self.preflight(request)
         tokens = weights.Tokens.from_inputs(hf_api_token, civitai_api_token)
+        if request.checkpoint is None:
+            self.preflight(request)
         fetched: list[weights.LoraFile] = []
+        custom: Optional[weights.LoraFile] = None
         try:
+            if request.checkpoint is not None:
+                custom = self.fetch_checkpoint(request.checkpoint, tokens)
+                request = dataclasses.replace(request, spec=self.use_checkpoint(custom))
+                self.preflight(request)
             phase = time.perf_counter()
             before = self.lora_cache.stats
             for item in request.loras:
@@ -445,6 +472,8 @@ class Predictor(BasePredictor):
         finally:
             for file in fetched:
                 self.lora_cache.release(file.ref)
+            if custom is not None:
+                self.checkpoint_cache.release(custom.ref)
         parameters = self.parameters(request, seed, fetched) if request.embed_metadata else None
 
         if request.safety_checker:
@@ -469,6 +498,53 @@ class Predictor(BasePredictor):
         self.record_metric("total_inference_steps", request.steps * request.num_outputs)
         logger.info("prediction done in %.2fs", time.perf_counter() - started)
         return [Path(p) for p in paths]
+
+    def fetch_checkpoint(self, ref: weights.WeightsRef, tokens: weights.Tokens) -> weights.LoraFile:
+        """The verified checkpoint file, pinned until the prediction ends (the caller releases it)."""
+        if self.checkpoint_cache is None:
+            self.checkpoint_cache = weights.CheckpointCache.from_env()
+        phase = time.perf_counter()
+        before = self.checkpoint_cache.stats["misses"]
+        file = self.checkpoint_cache.fetch(ref, tokens, input_name="checkpoint")
+        miss = self.checkpoint_cache.stats["misses"] - before
+        logger.info("fetched checkpoint %s in %.2fs (%s)", file.ref.display, time.perf_counter() - phase,
+                    "downloaded" if miss else "cache hit")
+        self.record_metric("checkpoint_cache_misses", miss)
+        return file
+
+    def use_checkpoint(self, file: weights.LoraFile) -> utils.ModelSpec:
+        """Make `file` the resident custom model (loading it unless it already is) and return its spec. At most one
+        custom model is kept beside the baked ones: the previous one is dropped first."""
+        key = file.ref.canonical_id
+        if key in self.models.models:
+            return self.models.models[key].spec
+        phase = time.perf_counter()
+        info = utils.inspect_checkpoint(file.path, v_prediction=file.v_prediction)  # before dropping anything
+        self.drop_custom()
+        baked = [self.models.models[k] for k in utils.MODEL_SPECS]
+        model = utils.load_checkpoint_model(
+            file.path, self.weights_dir, self.models.device, self.models.dtype, baked[0].txt2img.vae, info,
+            utils.checkpoint_spec(key, file.ref.display), baked,
+        )
+        self.models.models[key] = model
+        self.mergers[key] = lora.LoraMerger(model.txt2img)
+        self.custom_key = key
+        seconds = time.perf_counter() - phase
+        logger.info("loaded checkpoint %s in %.2fs", file.ref.display, seconds)
+        self.record_metric("checkpoint_load_seconds", seconds)
+        return model.spec
+
+    def drop_custom(self) -> None:
+        """Unload the resident custom model; its LoRAs are taken out first (its text encoders or VAE may be a
+        baked model's)."""
+        if self.custom_key is None:
+            return
+        self.mergers.pop(self.custom_key).reset()
+        del self.models.models[self.custom_key]
+        self.custom_key = None
+        gc.collect()
+        if self.models.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def preflight(self, request: Request) -> None:
         """Checks that need the loaded model, still before any download or GPU work: the prompts parse and fit
@@ -532,10 +608,20 @@ class Predictor(BasePredictor):
             )
             if file.trigger_words:
                 print(f"{item.input_name} trigger words: {', '.join(file.trigger_words)}")
+        # A module shared with another model (identical text encoders) must hold only this model's LoRAs, and each
+        # merger must capture true base weights: take the other models' LoRAs out of shared modules first.
+        mine = self._lora_modules(request.spec.key)
+        for key, merger in self.mergers.items():
+            if key != request.spec.key and mine & self._lora_modules(key):
+                merger.reset()
         report = self.mergers[request.spec.key].apply(list(by_key.values()))
         if report.changed:
             logger.info("applied %d LoRAs to %s (%d layers written) in %.3fs", len(by_key), request.spec.key,
                         report.layers_written, report.seconds)
+
+    def _lora_modules(self, key: str) -> set[int]:
+        pipe = self.models.models[key].txt2img
+        return {id(getattr(pipe, name)) for name in ("unet", "text_encoder", "text_encoder_2")}
 
     def generate(self, request: Request, seed: int) -> list:
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""

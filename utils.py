@@ -7,6 +7,7 @@ in lora.py and prompt parsing/encoding in prompts.py (see the README's architect
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 import os
 import time
@@ -67,6 +68,11 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 
 def model_spec(use_standard_sdxl: bool) -> ModelSpec:
     return MODEL_SPECS["sdxl" if use_standard_sdxl else "illustrious"]
+
+
+def checkpoint_spec(key: str, title: str) -> ModelSpec:
+    """A custom checkpoint (NoobAI, Pony, Illustrious merges, ...): Illustrious' preset under its own key/title."""
+    return dataclasses.replace(MODEL_SPECS["illustrious"], key=key, folder="", title=title)
 
 
 # --- Sizes --------------------------------------------------------------------------------------------------------
@@ -276,14 +282,24 @@ class Models:
     feature_extractor: object
 
 
+def _loaded_model(spec: ModelSpec, txt2img, scheduler_config: dict | None = None) -> LoadedModel:
+    """img2img and inpainting pipelines sharing txt2img's modules (from_pipe), progress bars off."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    txt2img.set_progress_bar_config(disable=True)
+    # from_pipe without torch_dtype casts the SHARED modules to float32 (diffusers 0.42.1): txt2img included.
+    dtype = txt2img.unet.dtype
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(txt2img, add_watermarker=False, torch_dtype=dtype)
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(txt2img, add_watermarker=False, torch_dtype=dtype)
+    for pipe in (img2img, inpaint):
+        pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(spec=spec, txt2img=txt2img, img2img=img2img, inpaint=inpaint,
+                       scheduler_config=scheduler_config or dict(txt2img.scheduler.config))
+
+
 def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> Models:
     """Load both base models once; the VAE and the safety checker are shared, img2img/inpaint share modules."""
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLInpaintPipeline,
-        StableDiffusionXLPipeline,
-    )
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
@@ -295,20 +311,147 @@ def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> 
         txt2img = StableDiffusionXLPipeline.from_pretrained(
             weights_dir / spec.folder, vae=vae, torch_dtype=dtype, add_watermarker=False
         ).to(device)
-        txt2img.set_progress_bar_config(disable=True)
-        img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(txt2img, add_watermarker=False)
-        inpaint = StableDiffusionXLInpaintPipeline.from_pipe(txt2img, add_watermarker=False)
-        for pipe in (img2img, inpaint):
-            pipe.set_progress_bar_config(disable=True)
-        models[key] = LoadedModel(spec=spec, txt2img=txt2img, img2img=img2img, inpaint=inpaint,
-                                  scheduler_config=dict(txt2img.scheduler.config))
+        models[key] = _loaded_model(spec, txt2img)
     checker = StableDiffusionSafetyChecker.from_pretrained(weights_dir / SAFETY_DIR, torch_dtype=dtype).to(device)
     extractor = CLIPImageProcessor.from_pretrained(weights_dir / SAFETY_DIR)
     logger.info("loaded models from %s on %s/%s in %.2fs", weights_dir, device, dtype, time.perf_counter() - start)
     return Models(device=device, dtype=dtype, models=models, safety_checker=checker, feature_extractor=extractor)
 
 
-# --- Safety checker -----------------------------------------------------------------------------------------------
+# --- Custom checkpoints (the `checkpoint` input) --------------------------------------------------------------------
+# What a single file's keys say it is: (key prefix, what it is), first match wins; SDXL needs both SDXL_PREFIXES.
+SDXL_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")
+OTHER_ARCHITECTURES: tuple[tuple[str, str], ...] = (
+    ("lora_", "a LoRA (kohya keys); pass it in lora_weights"),
+    ("lycoris_", "a LyCORIS LoRA; pass it in lora_weights"),
+    ("unet.", "a diffusers LoRA; pass it in lora_weights"),
+    ("double_blocks.", "a Flux model"),
+    ("model.diffusion_model.double_blocks.", "a Flux model"),
+    ("model.diffusion_model.joint_blocks.", "an SD3 model"),
+    ("joint_blocks.", "an SD3 model"),
+    ("cond_stage_model.transformer.", "an SD 1.x model"),
+    ("cond_stage_model.model.", "an SD 2.x model"),
+    ("conditioner.embedders.0.", "an SDXL refiner or another SGM model"),
+    ("encoder.down.", "a VAE"),
+)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    v_prediction: bool
+    zero_snr: bool
+    has_vae: bool
+
+
+def inspect_checkpoint(path: Path, *, v_prediction: bool = False) -> CheckpointInfo:
+    """What a single-file checkpoint is, from its safetensors header only (no tensor is read).
+
+    SDXL needs UNet (`model.diffusion_model.`) and OpenCLIP-G (`conditioner.embedders.1.`) keys; anything else is
+    an InputError naming `checkpoint` and what the keys look like.  ComfyUI / sd-scripts mark v-prediction with a
+    `v_pred` key and zero-terminal-SNR with a `ztsnr` key; `v_prediction` (CivitAI metadata) is OR-ed in.
+    A diffusers folder must be an SDXL pipeline; its scheduler config says whether it is v-prediction."""
+    import json
+
+    from safetensors import safe_open
+
+    if path.is_dir():
+        kind = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        if kind != "StableDiffusionXLPipeline":
+            raise InputError(f"checkpoint: expected a diffusers StableDiffusionXLPipeline folder, got {kind!r}")
+        scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        zero_snr = bool(scheduler.get("rescale_betas_zero_snr"))
+        return CheckpointInfo(v_prediction=v_prediction or scheduler.get("prediction_type") == "v_prediction",
+                              zero_snr=zero_snr, has_vae=(path / "vae" / "config.json").is_file())
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    if not all(any(k.startswith(p) for k in keys) for p in SDXL_PREFIXES):
+        found = next((what for prefix, what in OTHER_ARCHITECTURES if any(k.startswith(prefix) for k in keys)),
+                     f"an unknown layout (keys like {sorted(keys)[:3]})")
+        raise InputError(f"checkpoint: expected a full SDXL-family checkpoint (model.diffusion_model.* and "
+                         f"conditioner.embedders.1.* keys), got {found}")
+    zero_snr = "ztsnr" in keys
+    return CheckpointInfo(v_prediction=v_prediction or zero_snr or "v_pred" in keys, zero_snr=zero_snr,
+                          has_vae=any(k.startswith("first_stage_model.") for k in keys))
+
+
+def _load_open_clip_g(path: Path, config_dir: Path, dtype):
+    """CLIP-G converted by diffusers' own OpenCLIP converter and loaded strictly: from_single_file tells the two
+    text encoders apart by width only (as script/download_weights does)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    prefix = "conditioner.embedders.1.model."
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2", local_files_only=True))
+    result = model.load_state_dict(convert_open_clip_checkpoint(model, tensors, prefix=prefix), strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise InputError(f"checkpoint: its CLIP-G text encoder does not fit SDXL's (missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]})")
+    return model.to(dtype).eval()
+
+
+def _same_module(a, b) -> bool:
+    """Same class, same tensor names, shapes, dtypes and values (compared on a's device)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    import torch
+
+    return all(x.shape == sb[k].shape and x.dtype == sb[k].dtype and torch.equal(x, sb[k].to(x.device))
+               for k, x in sa.items())
+
+
+def load_checkpoint_model(source: Path, weights_dir: Path, device, dtype, shared_vae, info: CheckpointInfo,
+                          spec: ModelSpec, baked: list[LoadedModel] = ()) -> LoadedModel:
+    """A single-file SDXL checkpoint converted with the local sdxl-base configs (nothing fetched), or a diffusers
+    folder, with its own VAE (else the shared one); text encoders and VAE identical to a baked model's are replaced
+    by that model's module, so they are not held twice."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    config = weights_dir / MODEL_DIRS["sdxl"]
+    try:
+        if source.is_dir():
+            own_vae = {} if info.has_vae else {"vae": shared_vae}
+            pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=dtype, add_watermarker=False, **own_vae)
+        else:
+            vae = shared_vae
+            if info.has_vae:  # the local sdxl-base folder has no vae/: convert with the fp16-fix VAE's config
+                vae = AutoencoderKL.from_single_file(str(source), config=str(weights_dir / VAE_DIR),
+                                                     local_files_only=True, torch_dtype=dtype)
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(source), config=str(config), local_files_only=True, torch_dtype=dtype, vae=vae,
+                text_encoder_2=_load_open_clip_g(source, config, dtype), add_watermarker=False,
+            )
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        raise InputError(f"checkpoint: {spec.title} could not be converted as an SDXL checkpoint "
+                         f"({type(err).__name__}: {str(err)[:200]})") from err
+    reused = []
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        mine = getattr(pipe, name)
+        same = next((getattr(m.txt2img, name) for m in baked if _same_module(getattr(m.txt2img, name), mine)), None)
+        if same is not None:
+            pipe.register_modules(**{name: same})
+            reused.append(name)
+    pipe = pipe.to(device)
+    scheduler_config = dict(pipe.scheduler.config)
+    if info.v_prediction:
+        scheduler_config["prediction_type"] = "v_prediction"
+        if info.zero_snr:
+            scheduler_config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    logger.info("checkpoint %s: %s%s, reusing %s", spec.title, "v-prediction" if info.v_prediction else "epsilon",
+                " zero-terminal-SNR" if info.zero_snr else "", ", ".join(reused) or "nothing")
+    return _loaded_model(spec, pipe, scheduler_config)
+
+
+# --- Safety checker --------------------------------------------------------------------------------------------
 def nsfw_flags(models: Models, images: list[Image.Image]) -> list[bool]:
     import numpy as np
 

@@ -6,6 +6,10 @@
     try: ... use lora.path, lora.trigger_words, lora.embeddings_path, lora.special_params ...
     finally: cache.release(ref)
 
+Full SDXL checkpoints (the `checkpoint` input) go through the same code: `parse_checkpoint_ref` and a
+`CheckpointCache` (its own folder and byte cap, a file-size window, CivitAI "Checkpoint" models; a Hugging Face repo
+with model_index.json is fetched as a diffusers folder, entries/<key>/diffusers/).
+
 Sources: Hugging Face (huggingface_hub against HF_ENDPOINT), CivitAI (CIVITAI_API_BASE), Replicate
 (REPLICATE_API_BASE / REPLICATE_WEB_BASE), plain http(s) URLs and data: URLs.  See REFERENCE_FORMS for the
 accepted spellings.  Secrets (tokens, signed query strings) never reach logs, error messages (nor their
@@ -79,6 +83,10 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_SAFETENSORS_HEADER = 100 * MiB
 MAX_SIDE_FILE_BYTES = 64 * MiB  # embeddings.pti / special_params.json in a trainer tar
 LORA_FILE_NAME = "lora.safetensors"
+DIFFUSERS_DIR = "diffusers"  # a cache entry holding a diffusers pipeline folder (a checkpoint from a HF repo)
+# The parts of a diffusers SDXL folder a checkpoint needs: small files verbatim, weights as .safetensors only.
+DIFFUSERS_CONFIG_DIRS = ("scheduler", "tokenizer", "tokenizer_2")
+DIFFUSERS_WEIGHT_DIRS = ("unet", "text_encoder", "text_encoder_2", "vae")
 USER_AGENT = "sdxl-lora-cog/1"
 
 DEFAULT_DOWNLOAD_TIMEOUT = 1800.0  # seconds for one whole download (LORA_DOWNLOAD_TIMEOUT), retries included
@@ -92,6 +100,9 @@ SDXL_FAMILY = frozenset({
     "illustrious", "illustrious xl", "noobai", "noob ai", "noobai xl",
 })
 CIVITAI_LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})
+CIVITAI_CHECKPOINT_TYPES = frozenset({"checkpoint"})
+# CivitAI version names / baseModelType values that mark a v-prediction checkpoint (NoobAI-XL V-Pred, ...).
+_VPRED_MARK = re.compile(r"v[-_ ]?pred", re.IGNORECASE)
 CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com", "civitai.red", "civitai.green"})
 HF_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 REPLICATE_WEB_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
@@ -571,6 +582,7 @@ class LoraFile:
     trigger_words: tuple[str, ...] = ()
     embeddings_path: Path | None = None
     special_params: dict = field(default_factory=dict)
+    v_prediction: bool = False  # the source's metadata marks a v-prediction checkpoint
 
 
 @dataclass
@@ -582,6 +594,8 @@ class _Context:
     tokens: Tokens
     max_bytes: int
     secrets: tuple[str, ...] = ()
+    kind: str = "LoRA"  # "LoRA" | "checkpoint": what the file must be (messages, CivitAI types, size window)
+    min_bytes: int = 0
 
 
 @dataclass
@@ -595,6 +609,7 @@ class _Staged:
     trigger_words: tuple[str, ...] = ()
     has_embeddings: bool = False
     special_params: dict = field(default_factory=dict)
+    v_prediction: bool = False  # CivitAI metadata says v-prediction (checkpoints)
 
 
 # ------------------------------------------------------------------------------------------ verification
@@ -684,6 +699,10 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
     size = path.stat().st_size
     if size > ctx.max_bytes:
         raise _too_large(ctx, size)
+    if size < ctx.min_bytes:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is too small for a full SDXL {ctx.kind}",
+                   expected=f"at least {ctx.min_bytes / MiB:.0f} MiB (CHECKPOINT_MIN_BYTES)", got=f"{size / MiB:.1f} MiB",
+                   hint="A file this small is most likely a LoRA: pass it in lora_weights instead.")
     if expected_sha256:
         got = _sha256_file(path)
         if got.lower() != expected_sha256.lower():
@@ -706,13 +725,16 @@ def _not_safetensors(ctx: _Context, what: str, auth_hint: str) -> WeightsError:
     looks_like_page = what.startswith(("an HTML", "a JSON", "an empty"))
     if auth_hint and looks_like_page:
         return _err(AuthRequiredError, ctx.input_name, f"{ctx.display} answered with a page instead of the file",
-                    expected="a .safetensors LoRA", got=what, hint=auth_hint)
+                    expected=f"a .safetensors {ctx.kind}", got=what, hint=auth_hint)
     cls = ChecksumError if "truncated" in what or "corrupt" in what else IncompatibleError
-    return _err(cls, ctx.input_name, f"{ctx.display} is not a usable LoRA file", expected="a .safetensors LoRA", got=what,
+    return _err(cls, ctx.input_name, f"{ctx.display} is not a usable {ctx.kind} file", expected=f"a .safetensors {ctx.kind}", got=what,
                 hint="Link the .safetensors file itself (pickle .ckpt/.pt files are not accepted).")
 
 
 def _too_large(ctx: _Context, size: int) -> WeightsError:
+    if ctx.kind == "checkpoint":
+        return _err(TooLargeError, ctx.input_name, f"{ctx.display} is too large for an SDXL checkpoint",
+                    expected=f"at most {ctx.max_bytes / MiB:.0f} MiB (CHECKPOINT_MAX_BYTES)", got=f"{size / MiB:.0f} MiB")
     return _err(TooLargeError, ctx.input_name, f"{ctx.display} is too large for a LoRA",
                 expected=f"at most {ctx.max_bytes / MiB:.0f} MiB (LORA_MAX_BYTES)", got=f"{size / MiB:.0f} MiB",
                 hint="A file this large is most likely a full checkpoint, not a LoRA.")
@@ -1151,7 +1173,7 @@ def _pick_hf_file(files: list, ref: WeightsRef, ctx: _Context):
     prefix = (ref.path + "/") if ref.path else ""
     in_scope = [f for f in files if f.path.startswith(prefix)]
     cands = [f for f in in_scope if f.path.endswith(".safetensors") and not _hf_training_state(f.path)]
-    preferred = [f for f in cands if f.path.rsplit("/", 1)[-1] == HF_PREFERRED]
+    preferred = [f for f in cands if f.path.rsplit("/", 1)[-1] == HF_PREFERRED and ctx.kind == "LoRA"]
     if preferred:
         return min(preferred, key=lambda f: f.path.count("/"))  # top-most wins over a copy in a subfolder
     if len(cands) == 1:
@@ -1184,6 +1206,9 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
                          retries=1)
         files = [f for f in tree if isinstance(f, RepoFile)]
     if ref.path_is_dir:
+        prefix = (ref.path + "/") if ref.path else ""
+        if ctx.kind == "checkpoint" and any(f.path == prefix + "model_index.json" for f in files):
+            return _hf_diffusers_plan(ref, ctx, sha, files, prefix, endpoint, token)
         chosen = _pick_hf_file(files, ref, ctx)
     else:
         chosen = next((f for f in files if f.path == ref.path), None)
@@ -1227,6 +1252,79 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
     return _Plan(resolved, produce)
 
 
+def _variant(name: str) -> str | None:
+    return "fp16" if ".fp16." in name or ".fp16-" in name else None
+
+
+def _diffusers_files(files: list, prefix: str, ctx: _Context) -> list:
+    """model_index.json, the configs/tokenizers, and each component's .safetensors weights (no variant, else fp16)."""
+    chosen = [f for f in files if f.path == prefix + "model_index.json"]
+    for sub in DIFFUSERS_CONFIG_DIRS:
+        chosen += [f for f in files if f.path.startswith(f"{prefix}{sub}/")]
+    for sub in DIFFUSERS_WEIGHT_DIRS:
+        here = [f for f in files if f.path.rsplit("/", 1)[0] == prefix + sub]
+        safes = [f for f in here if f.path.endswith(".safetensors")]
+        if not here and sub == "vae":
+            continue  # no VAE of its own: the shared one is used
+        if not safes:
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} has no .safetensors weights for {sub}",
+                       expected="safetensors weights for unet, text_encoder, text_encoder_2",
+                       got=", ".join(sorted(f.path.rsplit("/", 1)[-1] for f in here)) or "nothing",
+                       hint="Pickle (.bin) weights are refused because loading them can run code.")
+        variant = None if any(_variant(f.path) is None for f in safes) else "fp16"
+        picked = [f for f in safes if _variant(f.path) == variant]
+        if variant and len(picked) > 1:
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: sharded fp16 {sub} weights",
+                       expected="unsharded weights", got=f"{len(picked)} shards")
+        chosen += picked + [f for f in here if f.path.endswith(".safetensors.index.json") and variant is None]
+        chosen += [f for f in here if f.path.endswith("config.json")]
+    return chosen
+
+
+def _hf_diffusers_plan(ref: WeightsRef, ctx: _Context, sha: str, files: list, prefix: str, endpoint: str,
+                       token) -> _Plan:
+    """A diffusers pipeline folder (a checkpoint repo with model_index.json), downloaded file by file, each checked
+    against the Hub's LFS sha256 (or git blob sha1 for small files); fp16-variant names lose their `.fp16`."""
+    chosen = _diffusers_files(files, prefix, ctx)
+    total = sum(f.lfs.size if getattr(f, "lfs", None) else f.size for f in chosen)
+    resolved = dataclasses.replace(ref, canonical_id=f"hf:{ref.repo}@{sha}:{prefix}", revision=sha,
+                                   display=f"hf://{ref.repo}@{ref.revision}" + (f"/{ref.path}" if ref.path else ""))
+
+    def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
+        from huggingface_hub import hf_hub_download
+
+        if total > c.max_bytes:
+            raise _too_large(c, total)
+        if total < c.min_bytes:
+            raise _err(IncompatibleError, c.input_name, f"{c.display} is too small for a full SDXL checkpoint",
+                       expected=f"at least {c.min_bytes / MiB:.0f} MiB (CHECKPOINT_MIN_BYTES)", got=f"{total / MiB:.1f} MiB")
+        digest = hashlib.sha256()
+        for f in chosen:
+            with _hf_catch(c, resolved):
+                got = Path(hf_hub_download(ref.repo, f.path, revision=sha, local_dir=tmp / "hf", token=token,
+                                           endpoint=endpoint, etag_timeout=CONNECT_TIMEOUT))
+            lfs_sha = f.lfs.sha256 if getattr(f, "lfs", None) else None
+            ok = _sha256_file(got) == lfs_sha if lfs_sha else _git_blob_sha1(got) == f.blob_id
+            if not ok:
+                raise _err(ChecksumError, c.input_name, f"{f.path} from {c.display} failed its checksum",
+                           expected=f"the Hub's {'sha256' if lfs_sha else 'git blob sha1'}", got="different bytes",
+                           hint="Try again.")
+            if f.path.endswith(".safetensors"):
+                try:
+                    check_safetensors(got)
+                except ValueError as err:
+                    raise _not_safetensors(c, f"{f.path}: {err}", "") from err
+            rel = f.path[len(prefix):].replace(".fp16.safetensors", ".safetensors")
+            target = tmp / DIFFUSERS_DIR / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, target)
+            digest.update(f"{rel}\0{lfs_sha or f.blob_id}\n".encode())
+        shutil.rmtree(tmp / "hf", ignore_errors=True)
+        return _Staged(tmp, digest.hexdigest(), total)
+
+    return _Plan(resolved, produce)
+
+
 def _is_sdxl_family(base_model: str | None) -> bool:
     """An exact (case-insensitive, spaces normalised) match in SDXL_FAMILY: "Pony" yes, "Pony V7" (AuraFlow) no."""
     return " ".join(str(base_model or "").lower().split()) in SDXL_FAMILY
@@ -1247,9 +1345,11 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
         model = _json(session, f"{base}/api/v1/models/{ref.model_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
                       not_found=f"No CivitAI model {ref.model_id}; copy the link from the model page.")
         mtype = str(model.get("type", "")).lower()
-        if mtype and mtype not in CIVITAI_LORA_TYPES:
-            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a LoRA", expected="a LoRA/LyCORIS model",
-                       got=f"a {model.get('type')} model", hint="Pick a LoRA, not a checkpoint or embedding.")
+        checkpoint = ctx.kind == "checkpoint"
+        if mtype and mtype not in (CIVITAI_CHECKPOINT_TYPES if checkpoint else CIVITAI_LORA_TYPES):
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a {ctx.kind}",
+                       expected="a Checkpoint model" if checkpoint else "a LoRA/LyCORIS model", got=f"a {model.get('type')} model",
+                       hint="Pass LoRAs in lora_weights." if checkpoint else "Pick a LoRA, not a checkpoint or embedding.")
         versions = [v for v in model.get("modelVersions") or [] if v.get("status", "Published") == "Published"]
         if not versions:
             raise _err(NotFoundError, ctx.input_name, f"{ctx.display} has no published version", expected="a published version", got="none")
@@ -1262,8 +1362,9 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
     base_model = info.get("baseModel")
     if not _is_sdxl_family(base_model):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} was trained for another base model",
-                   expected="an SDXL-family LoRA (SDXL, Illustrious, NoobAI, Pony)", got=f"baseModel {base_model!r}",
-                   hint="Pick the SDXL/Illustrious version of this LoRA.")
+                   expected=f"an SDXL-family {ctx.kind} (SDXL, Illustrious, NoobAI, Pony)", got=f"baseModel {base_model!r}",
+                   hint=f"Pick the SDXL/Illustrious version of this {ctx.kind}.")
+    v_prediction = any(_VPRED_MARK.search(str(info.get(k) or "")) for k in ("name", "baseModelType"))
     files = [f for f in info.get("files") or [] if str(f.get("type", "Model")).lower() in ("model", "pruned model")]
     safes = [f for f in files if (f.get("metadata") or {}).get("format", "SafeTensor") == "SafeTensor"]
     if not safes:
@@ -1285,7 +1386,8 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
         _download_url(session, url, dest, c, auth, size_hint=size_hint, auth_hint=hint,
                       not_found="The CivitAI file is gone; pick another version.")
         digest = _verify_lora(dest, c, expected_sha256=expected_sha, auth_hint=hint)
-        return _Staged(tmp, digest, dest.stat().st_size, base_model=base_model, trigger_words=trained)
+        return _Staged(tmp, digest, dest.stat().st_size, base_model=base_model, trigger_words=trained,
+                       v_prediction=v_prediction)
 
     return _Plan(resolved, produce)
 
@@ -1398,6 +1500,19 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def _payload(folder: Path) -> Path | None:
+    """What an entry holds: its .safetensors file, or a diffusers folder (checkpoints); None if neither is there."""
+    if (folder / LORA_FILE_NAME).is_file():
+        return folder / LORA_FILE_NAME
+    if (folder / DIFFUSERS_DIR / "model_index.json").is_file():
+        return folder / DIFFUSERS_DIR
+    return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 @dataclass
 class _Entry:
     key: str
@@ -1409,6 +1524,9 @@ class _Entry:
 
 class LoraCache:
     """On-disk LRU cache of verified LoRA files keyed by canonical id, safe across threads and processes."""
+
+    kind = "LoRA"
+    min_file_bytes = 0
 
     def __init__(self, root: Path | str, *, max_bytes: int = 20 * GiB, min_free_bytes: int = 2 * GiB, max_file_bytes: int = 2 * GiB):
         self.root = Path(root).expanduser()
@@ -1445,9 +1563,9 @@ class LoraCache:
             meta_path = folder / "meta.json"
             try:
                 meta = json.loads(meta_path.read_text("utf-8"))
-                if not (folder / LORA_FILE_NAME).is_file() or self.key_name(meta["canonical_id"]) != folder.name:
+                if _payload(folder) is None or self.key_name(meta["canonical_id"]) != folder.name:
                     raise ValueError("inconsistent entry")
-                size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+                size = _folder_bytes(folder)
                 index[meta["canonical_id"]] = _Entry(meta["canonical_id"], folder, meta, size, meta_path.stat().st_mtime)
             except (OSError, ValueError, KeyError, TypeError):
                 logger.warning("lora cache: removing unreadable entry %s", folder.name)
@@ -1483,7 +1601,7 @@ class LoraCache:
             if (folder / "meta.json").is_file():  # installed by another process since our scan
                 self._index.update({k: e for k, e in self._scan().items() if k == key})
                 entry = self._index.get(key)
-        if entry is not None and not (entry.folder / LORA_FILE_NAME).is_file():
+        if entry is not None and _payload(entry.folder) is None:
             self._index.pop(key, None)  # evicted by another process
             return None
         return entry
@@ -1517,18 +1635,19 @@ class LoraCache:
     def _lora_file(self, ref: WeightsRef, entry: _Entry) -> LoraFile:
         m = entry.meta
         emb = entry.folder / "embeddings.pti"
-        return LoraFile(ref=ref, path=entry.folder / LORA_FILE_NAME, sha256=m["sha256"], size=m["size"],
+        return LoraFile(ref=ref, path=_payload(entry.folder), sha256=m["sha256"], size=m["size"],
                         base_model=m.get("base_model"), trigger_words=tuple(m.get("trigger_words") or ()),
-                        embeddings_path=emb if emb.is_file() else None, special_params=dict(m.get("special_params") or {}))
+                        embeddings_path=emb if emb.is_file() else None, special_params=dict(m.get("special_params") or {}),
+                        v_prediction=bool(m.get("v_prediction")))
 
     def _install(self, plan: _Plan, staged: _Staged, ctx: _Context, *, asked: WeightsRef) -> _Entry:
         """Rename the staged folder into place (atomic) and pin it in the same breath, so no eviction sneaks in."""
         meta = {"canonical_id": plan.ref.canonical_id, "display": plan.ref.display, "source": plan.ref.source,
                 "sha256": staged.sha256, "size": staged.size, "base_model": staged.base_model,
                 "trigger_words": list(staged.trigger_words), "special_params": staged.special_params,
-                "fetched_at": time.time()}
+                "v_prediction": staged.v_prediction, "fetched_at": time.time()}
         (staged.folder / "meta.json").write_text(json.dumps(meta, indent=1), "utf-8")
-        total = sum(p.stat().st_size for p in staged.folder.iterdir() if p.is_file())
+        total = _folder_bytes(staged.folder)
         self._make_room(total, ctx)
         target = self.root / "entries" / self.key_name(plan.ref.canonical_id)
         try:
@@ -1546,7 +1665,7 @@ class LoraCache:
 
     def _scan_one(self, folder: Path) -> _Entry:
         meta = json.loads((folder / "meta.json").read_text("utf-8"))
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        size = _folder_bytes(folder)
         return _Entry(meta["canonical_id"], folder, meta, size, time.time())
 
     # ---- public
@@ -1563,7 +1682,7 @@ class LoraCache:
     def _fetch(self, ref: WeightsRef, tokens: Tokens, input_name: str, started: float) -> LoraFile:
         url_parts = urlsplit(ref.url) if ref.url and ref.source != "data" else None
         secrets = tokens.secrets() + tuple(s for s in (url_parts.query, url_parts.password) if s) if url_parts else tokens.secrets()
-        ctx = _Context(input_name, ref.display, tokens, self.max_file_bytes, secrets)
+        ctx = _Context(input_name, ref.display, tokens, self.max_file_bytes, secrets, self.kind, self.min_file_bytes)
         try:
             return self._fetch_in(ref, ctx, started)
         except WeightsError as err:
@@ -1658,6 +1777,44 @@ class LoraCache:
                 if not self._pins[key]:
                     self._index.pop(key)
                     self._remove_folder(entry.folder)
+
+
+def _default_checkpoint_dir() -> Path:
+    if Path("/src/predict.py").exists():  # inside the Cog image
+        return Path("/src/checkpoint-cache")
+    return Path.home() / ".cache" / "sdxl-lora-cog" / "checkpoints"
+
+
+class CheckpointCache(LoraCache):
+    """The same verified, pinned, byte-capped LRU cache for full SDXL checkpoints (single .safetensors files), in
+    its own folder with its own cap, and a size window: a file below `min_file_bytes` is not a checkpoint.  The
+    baked models live in WEIGHTS_DIR, never here, so they never count against the cap and are never evicted."""
+
+    kind = "checkpoint"
+
+    def __init__(self, root: Path | str, *, max_bytes: int = 40 * GiB, min_free_bytes: int = 2 * GiB,
+                 max_file_bytes: int = 16 * GiB, min_file_bytes: int = 2 * GiB):
+        super().__init__(root, max_bytes=max_bytes, min_free_bytes=min_free_bytes, max_file_bytes=max_file_bytes)
+        self.min_file_bytes = min_file_bytes
+
+    @classmethod
+    def from_env(cls) -> "CheckpointCache":
+        root = os.environ.get("CHECKPOINT_CACHE_DIR") or str(_default_checkpoint_dir())
+        return cls(root, max_bytes=_env_int("CHECKPOINT_CACHE_MAX_BYTES", 40 * GiB),
+                   min_free_bytes=_env_int("LORA_CACHE_MIN_FREE_BYTES", 2 * GiB),
+                   max_file_bytes=_env_int("CHECKPOINT_MAX_BYTES", 16 * GiB),
+                   min_file_bytes=_env_int("CHECKPOINT_MIN_BYTES", 2 * GiB))
+
+
+def parse_checkpoint_ref(text: str) -> WeightsRef:
+    """A `checkpoint` reference: the LoRA forms, less Replicate trainer outputs and data: URLs (no checkpoint is
+    shipped that way, and a multi-GB data: URL is no input)."""
+    ref = parse_lora_ref(text, input_name="checkpoint")
+    if ref.source in ("replicate", "data") or ref.is_tar:
+        raise _err(InvalidReferenceError, "checkpoint", "Replicate models, .tar files and data: URLs are not checkpoints",
+                   expected="a Hugging Face file or repo, a CivitAI model or version, or a .safetensors URL",
+                   got=repr(_safe_text(ref.display)))
+    return ref
 
 
 def fetch_lora(text: str, tokens: Tokens | None = None, *, input_name: str = "lora_weights", cache: LoraCache | None = None) -> LoraFile:

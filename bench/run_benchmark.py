@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--budget-s", type=float, default=540, help="optional sections are skipped past this")
+    ap.add_argument("--fix-dtype", action="store_true",
+                    help="what-if: after setup, cast the predictor's modules back to the dtype it chose (diffusers "
+                         "0.42.1 from_pipe() without a dtype casts the shared modules to float32)")
     args = ap.parse_args()
     if args.tiny:
         args.size = min(args.size, 256)
@@ -192,6 +195,14 @@ def run(b: Bench) -> None:
     r["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     r["card"] = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     r["versions"] = versions()
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.split()
+        ok = len(head) == 40 and all(c in "0123456789abcdef" for c in head)  # the device copy has no .git
+        r["repo"] = {"head": head, "modified": dirty[1::2]} if ok else None
+    except Exception:
+        r["repo"] = None
     r["config"] = dict(size=args.size, steps=args.steps, runs=args.runs, lora_rank=args.rank, scales=SCALES,
                        tiny=args.tiny, seed=SEED, prompt=PROMPT, scheduler="Euler a (Illustrious preset)",
                        guidance=6.0, output="webp q80, safety checker on")
@@ -244,6 +255,23 @@ def run(b: Bench) -> None:
                        "the weight files were just written, so they come from the OS page cache, not cold disk; "
                        f"`import predict` (torch, diffusers) took {r['ours_import_s']}s before it")
     log(f"setup cold {setup_s:.2f}s")
+    def dtypes(pipe):
+        return {n: sorted({str(x.dtype) for x in getattr(pipe, n).parameters()})
+                for n in ("unet", "text_encoder", "text_encoder_2", "vae")}
+
+    r["ours_requested_dtype"] = str(p.models.dtype)
+    r["ours_param_dtypes_after_setup"] = dtypes(p.models.models["illustrious"].txt2img)
+    log(f"ours requested {p.models.dtype}; parameters after setup {r['ours_param_dtypes_after_setup']}")
+    if args.fix_dtype:
+        for model in p.models.models.values():
+            model.txt2img.to(dtype=p.models.dtype)  # img2img / inpaint share these modules
+        if cuda:
+            torch.cuda.empty_cache()
+        r["what_if_dtype_fix"] = True
+        r["ours_param_dtypes_after_fix"] = dtypes(p.models.models["illustrious"].txt2img)
+        r["notes"].append("WHAT-IF RUN: the bench cast the predictor's pipelines back to its own dtype after setup "
+                          "(the predictor as committed runs in float32, see ours_param_dtypes_after_setup)")
+        log(f"what-if: cast to {p.models.dtype}: {r['ours_param_dtypes_after_fix']}")
     resident_ours = torch.cuda.memory_allocated() if cuda else 0
     r["ours_resident_gib_after_setup"] = round(resident_ours / 2**30, 2)
     b.save()
@@ -415,6 +443,52 @@ def run(b: Bench) -> None:
     r["ratio_ours_over_stock"] = round(med(o) / med(s), 3)
     log(f"HEADLINE 1024 two LoRAs: ours {med(o):.3f}s {o}  stock {med(s):.3f}s {s}")
     b.save()
+
+    # Per-step diagnostics: one UNet forward (batch 2 = CFG) and one VAE decode, device events, median of 10.
+    def unet_step_ms(unet, iters=10):
+        dt_ = next(unet.parameters()).dtype
+        d_ = next(unet.parameters()).device
+        g_ = torch.Generator(d_).manual_seed(0)
+        lat = args.size // 8
+        ctx = unet.config.cross_attention_dim
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inp = dict(sample=torch.randn(2, 4, lat, lat, generator=g_, device=d_, dtype=dt_),
+                   timestep=torch.tensor(500, device=d_),
+                   encoder_hidden_states=torch.randn(2, 77, ctx, generator=g_, device=d_, dtype=dt_),
+                   added_cond_kwargs={"text_embeds": torch.randn(2, pooled, generator=g_, device=d_, dtype=dt_),
+                                      "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * 2,
+                                                               device=d_, dtype=dt_)})
+        xs_ = []
+        with torch.inference_mode():
+            unet(**inp)
+            for _ in range(iters):
+                xs_.append(timed(unet, **inp)[0] * 1000)
+        return round(med(xs_), 2)
+
+    def vae_decode_ms(vae, iters=5):
+        dt_ = next(vae.parameters()).dtype
+        d_ = next(vae.parameters()).device
+        z = torch.randn(1, 4, args.size // 8, args.size // 8, device=d_, dtype=dt_)
+        xs_ = []
+        with torch.inference_mode():
+            vae.decode(z)
+            for _ in range(iters):
+                xs_.append(timed(vae.decode, z)[0] * 1000)
+        return round(med(xs_), 2)
+
+    if b.time_left() > 150 or args.tiny:
+        ours_pipe = p.models.models[key].txt2img
+        r["diag_ours_unet_step_ms"] = unet_step_ms(ours_pipe.unet)
+        r["diag_ours_vae_decode_ms"] = vae_decode_ms(ours_pipe.vae)
+        r["diag_stock_unet_step_peft_ms"] = unet_step_ms(pipe.unet)
+        pipe.disable_lora()
+        r["diag_stock_unet_step_lora_disabled_ms"] = unet_step_ms(pipe.unet)
+        pipe.enable_lora()
+        r["diag_stock_vae_decode_ms"] = vae_decode_ms(pipe.vae)
+        r["diag_note"] = (f"one UNet forward at {args.size}px batch 2 (one CFG step) and one VAE decode, "
+                          "synchronised wall time, median of 10 / 5")
+        log("diag " + str({k: v for k, v in r.items() if k.startswith("diag_") and k != "diag_note"}))
+        b.save()
 
     # Stock switch and scale change: set_adapters on adapters already loaded (its cheapest path).
     ssw, ssc = [], []

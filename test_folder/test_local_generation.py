@@ -181,3 +181,13 @@ def test_prompt_errors_come_before_any_lora_download(predictor):
     with pytest.raises(utils.InputError, match="clip_skip: expected 1 to 4"):
         run(predictor, prompt="a cat", seed=1, clip_skip=5, lora_weights="https://example.invalid/x.safetensors")
     assert predictor.lora_cache.stats["misses"] == misses
+
+
+def test_every_pipeline_keeps_the_device_dtype(tiny_weights):
+    # On a GPU the models load in bf16/fp16; building the img2img/inpainting pipelines must not cast the shared
+    # modules (diffusers' from_pipe defaults to float32, which doubled memory and time on an H200).
+    models = utils.load_models(tiny_weights, torch.device("cpu"), torch.bfloat16)
+    for model in models.models.values():
+        for pipe in (model.txt2img, model.img2img, model.inpaint):
+            for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+                assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
