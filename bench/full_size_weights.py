@@ -20,7 +20,6 @@ exactly the one the tests use; only the sizes differ. Modules are initialised on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ SDXL_VAE_CONFIG = dict(  # madebyollin/sdxl-vae-fp16-fix config.json
 
 
 def build_pipeline_folder(folder: Path, device: str, seed: int = 100) -> None:
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab_size = T.write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
@@ -93,26 +92,7 @@ def build_pipeline_folder(folder: Path, device: str, seed: int = 100) -> None:
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
         unet.half().save_pretrained(folder / "unet")
         del unet
-    EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
-        use_karras_sigmas=False,
-    ).save_pretrained(folder / "scheduler")
-    model_index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "force_zeros_for_empty_prompt": True,
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    T.write_scheduler_and_index(folder)
 
 
 def build_vae(folder: Path, device: str, seed: int = 7) -> None:

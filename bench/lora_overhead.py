@@ -24,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "test_folder"))
 
 import lora_fixtures as F
@@ -66,32 +67,18 @@ def step_ms(unet, inputs: dict, iters: int) -> float:
     return (time.perf_counter() - t) / iters * 1000
 
 
-SDXL_UNET_CONFIG = dict(  # the published SDXL base UNet architecture (random weights: no download needed)
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 
 
 def full_size_gpu(args: argparse.Namespace) -> None:
     """Real-size SDXL UNet (random fp16 weights) on the GPU: per-step cost and the cost of apply/swap/rescale."""
+    import full_size_weights
+
     import types
 
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to("cuda", torch.float16).eval()
+    unet = UNet2DConditionModel(**full_size_weights.SDXL_UNET_CONFIG).to("cuda", torch.float16).eval()
     pipe = types.SimpleNamespace(unet=unet)  # the merger only needs the components it touches
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     fx_a = F.write_diffusers_lora(work / "a.safetensors", pipe, seed=1, rank=args.rank, te=False, lora_alpha=None, std=0.01)

@@ -99,8 +99,41 @@ def _with_text_model_prefix(model_file: Path) -> None:
     save_file(renamed, str(model_file), metadata={"format": "pt"})
 
 
+def write_scheduler_and_index(folder: Path) -> None:
+    """SDXL base's scheduler config and a model_index.json (the same for every SDXL size)."""
+    from diffusers import EulerDiscreteScheduler
+
+    EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    ).save_pretrained(folder / "scheduler")
+
+    model_index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
 def build_pipeline_folder(folder: Path, seed: int) -> None:
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab_size = write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
@@ -151,33 +184,7 @@ def build_pipeline_folder(folder: Path, seed: int) -> None:
             p.add_(torch.randn_like(p) * 0.02)
     unet.save_pretrained(folder / "unet")
 
-    EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        steps_offset=1,
-        timestep_spacing="leading",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-    ).save_pretrained(folder / "scheduler")
-
-    model_index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "force_zeros_for_empty_prompt": True,
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    write_scheduler_and_index(folder)
 
 
 def build_vae(folder: Path, seed: int) -> None:
