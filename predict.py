@@ -399,8 +399,8 @@ class Predictor(BasePredictor):
         checkpoint: Optional[str] = Input(
             description="A full SDXL-family checkpoint to use instead of Illustrious XL: NoobAI-XL (also "
             "v-prediction), Pony, Illustrious merges, ... as a single .safetensors file (A1111 layout), in the same "
-            "forms as lora_weights: huggingface.co/owner/repo[/file], hf://, civitai.com/models/<id>, an AIR urn, "
-            "or a .safetensors URL. Downloaded once, then cached.",
+            "forms as lora_weights: huggingface.co/owner/repo[/file], hf://, civitai.com/models/<id>, or a "
+            ".safetensors URL. Downloaded once, then cached.",
             default=None,
         ),
         embed_metadata: bool = Input(
