@@ -375,9 +375,10 @@ def inspect_checkpoint(path: Path, *, v_prediction: bool = False) -> CheckpointI
                           has_vae=any(k.startswith("first_stage_model.") for k in keys))
 
 
-def _load_open_clip_g(path: Path, config_dir: Path, dtype):
-    """CLIP-G converted by diffusers' own OpenCLIP converter and loaded strictly: from_single_file tells the two
-    text encoders apart by width only (as script/download_weights does)."""
+def load_open_clip_g(path: Path, config_dir: Path, dtype, input_name: str = "checkpoint"):
+    """The CLIP-G text encoder of an SDXL single file, converted by diffusers' own OpenCLIP converter and loaded
+    strictly; passed to from_single_file explicitly, which tells the two text encoders apart by width only.
+    Used for custom checkpoints and by script/download_weights."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from safetensors import safe_open
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -385,11 +386,13 @@ def _load_open_clip_g(path: Path, config_dir: Path, dtype):
     prefix = "conditioner.embedders.1.model."
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not tensors:
+        raise InputError(f"{input_name}: {Path(path).name} has no {prefix}* tensors: not an SDXL checkpoint")
     model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2", local_files_only=True))
     result = model.load_state_dict(convert_open_clip_checkpoint(model, tensors, prefix=prefix), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise InputError(f"checkpoint: its CLIP-G text encoder does not fit SDXL's (missing {missing[:3]}, "
+        raise InputError(f"{input_name}: its CLIP-G text encoder does not fit SDXL's (missing {missing[:3]}, "
                          f"unexpected {list(result.unexpected_keys)[:3]})")
     return model.to(dtype).eval()
 
@@ -428,7 +431,7 @@ def load_checkpoint_model(source: Path, weights_dir: Path, device, dtype, shared
                                                      local_files_only=True, torch_dtype=dtype)
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(source), config=str(config), local_files_only=True, torch_dtype=dtype, vae=vae,
-                text_encoder_2=_load_open_clip_g(source, config, dtype), add_watermarker=False,
+                text_encoder_2=load_open_clip_g(source, config, dtype), add_watermarker=False,
             )
     except (KeyError, ValueError, RuntimeError, OSError) as err:
         raise InputError(f"checkpoint: {spec.title} could not be converted as an SDXL checkpoint "
