@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ldm_checkpoint import _UNET_RESNET as UNET_RESNET_NAMES
+
 COMPONENT_ATTR = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
@@ -90,14 +92,7 @@ _SGM_UP = {
     **{(b, "attentions", j): f"output_blocks.{3 * b + j}.1" for b in range(2) for j in range(3)},
 }
 _SGM_MID = {("resnets", 0): "middle_block.0", ("attentions", 0): "middle_block.1", ("resnets", 1): "middle_block.2"}
-_SGM_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
+_SGM_RESNET = UNET_RESNET_NAMES  # the test-side table shared with ldm_checkpoint.py (not lora.py's)
 _SGM_TOP = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
