@@ -22,6 +22,7 @@ from cog import BasePredictor, Input, Path, Secret
 
 import lora
 import prompts
+import stepcache
 import utils
 import weights
 
@@ -90,6 +91,7 @@ class Request:
     output_quality: int
     safety_checker: bool
     checkpoint: Optional[weights.WeightsRef] = None  # a custom checkpoint instead of the baked models
+    go_fast: bool = False  # step caching (stepcache.py): faster, changes the image
 
 
 def check_inputs(
@@ -124,6 +126,7 @@ def check_inputs(
     disable_safety_checker: bool,
     use_standard_sdxl: bool,
     checkpoint: Optional[str] = None,
+    go_fast: bool = False,
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -225,6 +228,7 @@ def check_inputs(
         output_quality=int(output_quality),
         safety_checker=not disable_safety_checker,
         checkpoint=checkpoint_ref,
+        go_fast=bool(go_fast),
     )
 
 
@@ -372,8 +376,9 @@ class Predictor(BasePredictor):
             description="Disable the safety checker for generated images.", default=False
         ),
         go_fast: bool = Input(
-            description="Allow speed optimisations that may change the image slightly. This build has no lossy "
-            "fast path yet, so images are identical either way.",
+            description="Faster denoising by step caching: the full UNet runs on every third step and the steps "
+            "between reuse its deep features (about 2x faster sampling). Changes the image slightly; off gives the "
+            "exact result.",
             default=False,
         ),
         lora_weights: Optional[str] = Input(
@@ -441,6 +446,7 @@ class Predictor(BasePredictor):
             disable_safety_checker=disable_safety_checker,
             use_standard_sdxl=use_standard_sdxl,
             checkpoint=checkpoint,
+            go_fast=go_fast,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
@@ -467,6 +473,7 @@ class Predictor(BasePredictor):
                             time.perf_counter() - phase, hits, misses)
                 self.record_metric("lora_cache_hits", hits)
                 self.record_metric("lora_cache_misses", misses)
+            self.activate(request.spec.key)
             self.apply_loras(request, fetched)
             images = self.generate(request, seed)
         finally:
@@ -521,6 +528,7 @@ class Predictor(BasePredictor):
         phase = time.perf_counter()
         info = utils.inspect_checkpoint(file.path, v_prediction=file.v_prediction)  # before dropping anything
         self.drop_custom()
+        self.activate(None)  # the new model loads straight into accelerator memory: make room first
         baked = [self.models.models[k] for k in utils.MODEL_SPECS]
         model = utils.load_checkpoint_model(
             file.path, self.weights_dir, self.models.device, self.models.dtype, baked[0].txt2img.vae, info,
@@ -539,12 +547,27 @@ class Predictor(BasePredictor):
         baked model's)."""
         if self.custom_key is None:
             return
-        self.mergers.pop(self.custom_key).reset()
+        self.mergers.pop(self.custom_key).release()
         del self.models.models[self.custom_key]
+        if self.models.resident == self.custom_key:
+            self.models.resident = None
         self.custom_key = None
         gc.collect()
         if self.models.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def activate(self, key: Optional[str]) -> None:
+        """Make `key`'s model the one in accelerator memory (None: none); the outgoing model's LoRAs are taken out
+        first, so it waits in CPU memory as its base weights. No-op on the CPU."""
+        previous = self.models.resident
+        if previous == key or self.models.device.type == "cpu":
+            return
+        phase = time.perf_counter()
+        if previous in self.mergers:
+            self.mergers[previous].release()
+        utils.make_resident(self.models, key)
+        logger.info("moved %s into %s memory in %.2fs (%s out)", key or "nothing", self.models.device.type,
+                    time.perf_counter() - phase, previous or "nothing")
 
     def preflight(self, request: Request) -> None:
         """Checks that need the loaded model, still before any download or GPU work: the prompts parse and fit
@@ -582,6 +605,7 @@ class Predictor(BasePredictor):
                 "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[request.hires_upscaler]
                 if request.hires_size else None,
                 "Lora hashes": hashes or None,
+                "Step cache interval": stepcache.DEFAULT_INTERVAL if request.go_fast else None,
                 "Version": "sdxl-lora-cog",
             }
             if request.hires_size:
@@ -627,7 +651,7 @@ class Predictor(BasePredictor):
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
-        pipe = model.pipeline(request.mode)
+        pipe = model.pipeline(request.mode, fast=request.go_fast)
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
         # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to.
@@ -676,7 +700,7 @@ class Predictor(BasePredictor):
             upscaled = utils.upscale_latents(first, request.hires_size)
         else:
             upscaled = utils.upscale_images(first, request.hires_size)
-        refine = model.img2img
+        refine = model.pipeline("img2img", fast=request.go_fast)
         refine.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength", "mask_image")}
         second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps)
