@@ -197,10 +197,32 @@ def warm(mode: str | None, sweep_budget_s: float) -> None:
         note("warm_new_shape_graphs", graphs() - before)
 
 
+def static(mode: str | None, sweep_budget_s: float) -> None:
+    """What dynamic shapes cost: regional compile with static shapes, then the whole UNet static, at 1024² batch 2."""
+    unet, vae = build()
+    x = unet_inputs(2, 1024, 1024)
+    with torch.inference_mode():
+        note("eager_step_ms", timed(lambda: unet(**x)))
+        for module in unet.modules():
+            if type(module).__name__ in BLOCKS:
+                module.compile(dynamic=False, fullgraph=True, mode=mode)
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.recompile_limit = 64
+        note("regional_static_first_call_s", first_call(lambda: unet(**x)))
+        note("regional_static_step_ms", timed(lambda: unet(**x)))
+    unet, vae = build()  # fresh modules: no regional compile inside
+    with torch.inference_mode():
+        unet.compile(fullgraph=True, mode=mode)
+        note("whole_static_first_call_s", first_call(lambda: unet(**x)))
+        note("whole_static_step_ms", timed(lambda: unet(**x)))
+        note("whole_static_new_shape_graphs_832x1216", (lambda g: (unet(**unet_inputs(2, 832, 1216)), graphs() - g)[1])(graphs()))
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["cold", "warm"])
+    parser.add_argument("stage", choices=["cold", "warm", "static"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--mode", default=None)
     parser.add_argument("--sweep-budget", type=float, default=90.0)
@@ -209,7 +231,7 @@ def main() -> None:
     OUT = args.out
     RESULTS["stage"] = args.stage
     note("inductor_cache_dir", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-    (cold if args.stage == "cold" else warm)(args.mode, args.sweep_budget)
+    {"cold": cold, "warm": warm, "static": static}[args.stage](args.mode, args.sweep_budget)
 
 
 if __name__ == "__main__":
