@@ -236,3 +236,19 @@ def test_two_base_models_each_stay_correct(env, tiny_weights):
         merger_a.apply([])
         merger_b.apply([])
     assert_base(pipe_a, env["base"])
+
+
+def test_release_gives_the_base_back_and_the_next_apply_merges_again(env):
+    """Before a model leaves GPU memory its merger lets go of kept copies; the weights must be the base and a
+    later apply must merge exactly as before."""
+    merger, fx = env["merger"], env["pool"][0]
+    merger.apply([request(fx, 0.7)])
+    merger.release()
+    assert merger.active == ()
+    assert_base(env["pipe"], env["base"])
+    try:
+        merger.apply([request(fx, 0.7)])
+        assert_merged(env["pipe"], env["base"], expected_for(env, [(fx, 0.7)]))
+    finally:
+        merger.apply([])
+    assert_base(env["pipe"], env["base"])
