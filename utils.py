@@ -361,6 +361,7 @@ def make_resident(models: Models, active: str | None) -> bool:
     if models.device.type == "cpu" or models.resident == active:
         return False
     keep, away = placement(models.models, active)
+    models.resident = None  # until every move is done: a failure half-way is redone in full next time
     for module in away:  # out first: the peak is never two models
         module.to("cpu")
     for module in keep:
