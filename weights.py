@@ -730,7 +730,8 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
             raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL LoRA",
                        expected="an SDXL-family LoRA (SDXL, Illustrious, NoobAI, Pony)",
                        got=f"{foreign[0]}, e.g. key {foreign[1][:80]!r}",
-                       hint="Pick the SDXL/Illustrious version of this LoRA; a full checkpoint goes in `checkpoint`.")
+                       hint="A full SDXL checkpoint goes in the checkpoint input." if "checkpoint" in foreign[0]
+                       else "Pick the SDXL/Illustrious version of this LoRA.")
     return expected_sha256.lower() if expected_sha256 else _sha256_file(path)
 
 

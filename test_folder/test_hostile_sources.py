@@ -285,7 +285,7 @@ CASES = [
     row("replicate-sd15-in-tar", lambda w, t: {"lora_weights": w.rep(t, make_trainer_tar(w.foreign["sd15"]))},
         IncompatibleError, says=(r"got an SD1\.x/SD2\.x LoRA",)),
     row("data-checkpoint-as-lora", lambda w, t: {"lora_weights": data_url(w.foreign["checkpoint"])},
-        IncompatibleError, says=(r"got a full (SDXL|model) checkpoint",)),
+        IncompatibleError, says=(r"got a full (SDXL|model) checkpoint", r"goes in the checkpoint input")),
     row("civitai-checkpoint-model", lambda w, t: {"lora_weights": w.civ(model_type="Checkpoint").split("?")[0]},
         IncompatibleError, says=(r"is not a LoRA", r"got a Checkpoint model")),
     row("url-oversize-checkpoint", lambda w, t: {"lora_weights": w.serve(t, w.foreign["oversize"])}, TooLargeError,
