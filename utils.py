@@ -133,7 +133,10 @@ def open_image(path: str | os.PathLike, input_name: str) -> Image.Image:
     """Open a user image lazily and refuse non-images and oversized ones before decoding the pixels."""
     try:
         image = Image.open(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PIL refuses over 2x its own limit before we see the size
+        raise InputError(f"{input_name}: expected at most {MAX_INPUT_PIXELS} pixels (4096x4096), got a larger "
+                         f"image ({err})") from err
+    except (OSError, ValueError) as err:
         raise InputError(f"{input_name}: expected a PNG, JPEG or WebP image, got a file that is not one") from err
     w, h = image.size
     if w * h > MAX_INPUT_PIXELS:
@@ -145,7 +148,8 @@ def load_rgb(image: Image.Image, size: tuple[int, int], input_name: str) -> Imag
     try:
         image = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError) as err:
-        raise InputError(f"{input_name}: the image could not be decoded ({type(err).__name__})") from err
+        raise InputError(f"{input_name}: expected a complete PNG, JPEG or WebP image, got one that could not be "
+                         f"decoded ({err})") from err
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
@@ -154,7 +158,8 @@ def load_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     try:
         mask = ImageOps.exif_transpose(image).convert("L")
     except (OSError, ValueError) as err:
-        raise InputError(f"mask: the image could not be decoded ({type(err).__name__})") from err
+        raise InputError(f"mask: expected a complete PNG, JPEG or WebP image, got one that could not be "
+                         f"decoded ({err})") from err
     return mask.resize(size, Image.Resampling.NEAREST)
 
 

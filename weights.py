@@ -642,8 +642,11 @@ def check_safetensors(path: Path) -> dict:
             raise ValueError(_describe_body(head))
         # The structure decides, not the first byte: a valid header length can start with any byte (0x80, "<", ...).
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER and f.read(1) == b"{":  # a JSON header follows: safetensors, oversized
+            raise ValueError(f"a safetensors header of {n} bytes (at most {MAX_SAFETENSORS_HEADER})")
         if n == 0 or n > MAX_SAFETENSORS_HEADER or n > size - 8:
             raise ValueError(_describe_body(head) if n > size else "a truncated or corrupt safetensors file (bad header length)")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -715,9 +718,20 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
                        expected=f"sha256 {expected_sha256.lower()[:16]}...", got=f"sha256 {got[:16]}... ({size} bytes)",
                        hint="The download was corrupted or the file changed at the source; try again.")
     try:
-        check_safetensors(path)
+        header = check_safetensors(path)
     except ValueError as err:
         raise _not_safetensors(ctx, str(err), auth_hint) from err
+    if ctx.kind == "LoRA":
+        # Refused here rather than when merging, so a file no SDXL model can use is never cached.
+        from lora import detect_foreign_base
+
+        foreign = detect_foreign_base(k for k in header if k != "__metadata__")
+        if foreign:
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL LoRA",
+                       expected="an SDXL-family LoRA (SDXL, Illustrious, NoobAI, Pony)",
+                       got=f"{foreign[0]}, e.g. key {foreign[1][:80]!r}",
+                       hint="A full SDXL checkpoint goes in the checkpoint input." if "checkpoint" in foreign[0]
+                       else "Pick the SDXL/Illustrious version of this LoRA.")
     return expected_sha256.lower() if expected_sha256 else _sha256_file(path)
 
 
@@ -1028,6 +1042,15 @@ def _download_url(session: requests.Session, url: str, dest: Path, ctx: _Context
 
 
 # -------------------------------------------------------------------------------------------- tar files
+@contextlib.contextmanager
+def _tar_errors(ctx: _Context) -> Iterator[None]:
+    """A tar cut short or corrupt fails only when its members are read: say so, naming the input."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError) as err:
+        raise _not_safetensors(ctx, f"a truncated or corrupt tar archive ({err})", "") from err
+
+
 def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[bool, dict]:
     """Safely pull lora.safetensors (+ embeddings.pti, special_params.json) out of a trainer tar into `folder`.
 
@@ -1040,7 +1063,7 @@ def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[b
         with tar_path.open("rb") as f:
             what = _describe_body(f.read(16))
         raise _not_safetensors(ctx, f"not a tar archive ({what})", "") from err
-    with tf:
+    with tf, _tar_errors(ctx):
         members = [m for m in tf.getmembers() if m.isfile()]
 
         def safe(m: tarfile.TarInfo) -> bool:
@@ -1127,6 +1150,14 @@ def _hf_catch(ctx: _Context, ref: WeightsRef) -> Iterator[None]:
     except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError,
             hf_errors.FileMetadataError, httpx2.HTTPError) as err:
         raise _hf_error(err, ctx, ref) from _scrub(err, ctx.secrets)
+    except OSError as err:
+        if err.errno is not None:  # a real I/O error (a full disk...): the cache maps it
+            raise
+        # huggingface_hub's "Consistency check failed": the body's size is not the one the Hub lists.
+        size = re.search(r"has size (\d+)", str(err))
+        raise _err(ChecksumError, ctx.input_name, f"the download of {ctx.display} does not match the Hub's listing",
+                   expected="the size the Hub lists", got=f"{size[1]} bytes" if size else "another size",
+                   hint="The download was cut short or replaced (a login or error page?); try again.") from _scrub(err, ctx.secrets)
 
 
 def _hf_retry(call: Callable[[], Any], ctx: _Context, *, retries: int | None = None) -> Any:
@@ -1619,7 +1650,10 @@ class LoraCache:
                 free = shutil.disk_usage(self.root).free
                 return used + incoming > self.max_bytes or free - incoming < self.min_free_bytes
 
-            for entry in sorted(self._index.values(), key=lambda e: e.last_used):
+            # When evicting every unpinned entry could not reach the free-disk floor, keep the cache and fail below.
+            evictable = sum(e.size for e in self._index.values() if not self._pins[e.key])
+            hopeless = shutil.disk_usage(self.root).free + evictable - incoming < self.min_free_bytes
+            for entry in [] if hopeless else sorted(self._index.values(), key=lambda e: e.last_used):
                 if not over():
                     break
                 if self._pins[entry.key]:
@@ -1715,10 +1749,11 @@ class LoraCache:
                     staged = plan.produce(tmp, session, ctx)
                     entry = self._install(plan, staged, ctx, asked=ref)
                 except OSError as err:
-                    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    # EFBIG: over the file-size limit of the file system or of this process (RLIMIT_FSIZE).
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                         raise
                     raise _err(TooLargeError, input_name, f"the disk filled up while fetching {ref.display}",
-                               expected="free space for the file", got="no space left on device",
+                               expected="free space for the file", got=os.strerror(err.errno),
                                hint="Lower LORA_CACHE_MAX_BYTES or free disk space.") from err
                 finally:
                     # Runs on errors and on cancellation (a BaseException) alike: no partial file survives.

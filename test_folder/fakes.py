@@ -106,6 +106,7 @@ class Request:
     path: str  # without query
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names
+    at: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
     @property
     def bearer(self) -> str | None:

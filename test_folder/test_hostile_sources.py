@@ -1,0 +1,550 @@
+"""Hostile LoRA and image sources, end to end through predict(): one table, served from loopback.
+
+Every row is a source that misbehaves (HTTP errors, login pages, truncated or forged bodies, pickles, foreign or
+oversize files, redirect tricks, link-local targets, slow drips, a full disk, bad or huge images) given to
+`lora_weights`, `extra_lora`, `image` or `mask` through a direct URL, the fake Hugging Face Hub, CivitAI,
+Replicate or a data: URL. For each row the test checks what a user would notice:
+
+  (a) the prediction fails with an error that names the input, says what was expected and what came
+      (rows whose source recovers - 500 then 200, 429 with Retry-After, a hostile Content-Disposition - succeed
+      instead, with the LoRA applied);
+  (b) the LoRA cache holds no partial or bad file afterwards: no temp leftovers, no entry for the bad source,
+      every entry intact (sha256 and safetensors structure as its index entry says), the index matching the disk;
+  (c) the next normal prediction is byte-identical to a control made before the hostile one.
+
+The in-process predictor (shared with the other modules) runs the rows, with its LoRA cache swapped for one of
+this module's, configured through the cache's own settings (per-file cap, free-disk floor). Image inputs that
+coglet itself downloads go through the real Cog server; the full disk is a fetch in a child process whose file
+size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the download's writes fail part way, as a full disk does.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save as st_save
+
+import utils
+import weights
+from cog_server import REPO
+from conftest import predict_inputs
+from fakes import FakeCivitai, FakeHFHub, FakeReplicate, FakeServer, Response, make_trainer_tar, sha256
+from lora_fixtures import write_foreign_lora, write_kohya_lora
+from weights import (AuthRequiredError, BlockedHostError, ChecksumError, IncompatibleError, InvalidReferenceError,
+                     LoraCache, NetworkError, NotFoundError, TooLargeError)
+
+SMALL = dict(prompt="1girl, red hat", seed=7, aspect_ratio="custom", width=256, height=256, num_inference_steps=1,
+             output_format="png")
+LORA_CAP = 1024 * 1024  # the module cache's LORA_MAX_BYTES: the test LoRAs are ~60 KB, the oversize file 1.5 MiB
+RETRY_AFTER = 1  # seconds a 429 asks for; the retry backoff is 0.01 s, so only honouring the header waits this long
+
+
+# ------------------------------------------------------------------------------------------------ the world
+@dataclass
+class World:
+    """The fakes, the payloads and the predictor under test (one per module)."""
+
+    predictor: object
+    cache: LoraCache
+    files: FakeServer
+    hub: FakeHFHub
+    civitai: FakeCivitai
+    replicate: FakeReplicate
+    lora: bytes  # a LoRA for the tiny model: changes the image
+    other_lora: bytes  # another valid one (a forged body with the wrong sha256)
+    foreign: dict[str, bytes]  # sd15, flux, sd3, checkpoint
+    images: Path  # folder of hostile image files
+    image_host: FakeServer  # serves them for coglet
+    control: bytes  # the normal prediction's PNG, made before any hostile row
+    next_id: list[int] = field(default_factory=lambda: [9000])
+
+    def version(self) -> int:
+        self.next_id[0] += 1
+        return self.next_id[0]
+
+    # ---- direct URLs
+    def serve(self, tag: str, body: bytes, *, name: str = "lora.safetensors", headers: dict | None = None,
+              content_type: str = "application/octet-stream") -> str:
+        return self.files.add_file(f"/{tag}/{name}", body, headers=headers, content_type=content_type)
+
+    def faulty(self, tag: str, fault: str, *args, body: bytes | None = None, **kwargs) -> str:
+        """The good LoRA (or `body`) at a URL whose requests get `fault` (a FakeServer fault method)."""
+        url = self.serve(tag, self.lora if body is None else body)
+        getattr(self.files, fault)(f"^/{tag}/", *args, **kwargs)
+        return url
+
+    def redirect(self, tag: str, location: str) -> str:
+        return self.files.add_redirect(f"/{tag}/lora.safetensors", location)
+
+    # ---- Hugging Face
+    def hf(self, tag: str, body: bytes | None = None, *, served: bytes | None = None, private: bool = False,
+           gated: bool = False) -> str:
+        """A repo holding `body` (default: the good LoRA) as pytorch_lora_weights.safetensors; `served` is what its
+        download sends instead (the listing keeps the real size and sha256)."""
+        repo = f"hostile/{tag}"
+        self.hub.add_file(repo, "pytorch_lora_weights.safetensors", self.lora if body is None else body, served=served)
+        if private:
+            self.hub.set_private(repo, "hf_owner_token")
+        if gated:
+            self.hub.set_gated(repo, "hf_owner_token")
+        return f"https://huggingface.co/{repo}"
+
+    # ---- CivitAI
+    def civ(self, body: bytes | None = None, *, served: bytes | None = None, api_fault: int | None = None,
+            **kwargs) -> str:
+        """A model version listing `body` (default: the good LoRA, its size and sha256); its storage sends
+        `served` instead when given; `api_fault`: the version API answers that status once."""
+        v = self.version()
+        self.civitai.add_version(v, v, self.lora if body is None else body, **kwargs)
+        if served is not None:
+            self.civitai.data[v] = served
+        if api_fault:
+            self.civitai.fail(rf"^/api/v1/model-versions/{v}$", api_fault)
+        return f"https://civitai.com/models/{v}?modelVersionId={v}"
+
+    def civ_download(self, location: str) -> str:
+        """A CivitAI version whose download endpoint redirects to `location` instead of its storage."""
+        url = self.civ()
+        v = url.rsplit("=", 1)[1]
+        self.civitai.route("GET", rf"/api/download/models/{v}", lambda req: Response(307, b"", {"Location": location}))
+        return url
+
+    # ---- Replicate
+    def rep(self, tag: str, tar: bytes | None = None, *, delivery_fault: int | None = None) -> str:
+        """owner/model whose latest training is `tar` (default: a trainer tar of the good LoRA)."""
+        repo = f"hostile/{tag}"
+        delivery = self.replicate.add_version(repo, uuid.uuid4().hex, make_trainer_tar(self.lora) if tar is None else tar)
+        if delivery_fault:
+            self.replicate.delivery.fail("^" + re.escape(urlsplit(delivery).path), delivery_fault)
+        return repo
+
+
+def data_url(body: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(body).decode()
+
+
+def pickle_file() -> bytes:
+    """A Python pickle (what .ckpt/.pt/.bin files are), renamed .safetensors: unpickling it would run code."""
+    return pickle.dumps({"state_dict": {"lora_unet_x.lora_down.weight": [0.0] * 64}}, protocol=4)
+
+
+def huge_header_claim() -> bytes:
+    """A safetensors file whose 8-byte header length claims 1 TiB (reading it would exhaust memory)."""
+    return struct.pack("<Q", 1 << 40) + b'{"__metadata__": {}}' + b"\0" * 64
+
+
+def huge_header(lora: bytes, header_bytes: int) -> bytes:
+    """A real, consistent safetensors file with `header_bytes` of metadata in its JSON header."""
+    n = struct.unpack("<Q", lora[:8])[0]
+    header = json.loads(lora[8:8 + n])
+    header.setdefault("__metadata__", {})["padding"] = "x" * header_bytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + lora[8 + n:]
+
+
+def oversize_checkpoint() -> bytes:
+    """A full-checkpoint-shaped safetensors file of 1.5 MiB, over the module's 1 MiB LoRA cap."""
+    import torch
+
+    tensors = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(768 * 1024, dtype=torch.float16)}
+    return st_save(tensors)
+
+
+def traversal_tar(lora: bytes) -> bytes:
+    """A trainer tar whose only LoRA is named `../../lora.safetensors`: never read, let alone written there."""
+    return make_trainer_tar(lora, lora_name="../../lora.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Case:
+    """One hostile source. `build(world, tag)` returns the predict() inputs (or a callable for a row that runs
+    elsewhere); `error` None means the source recovers and the prediction must succeed with the LoRA applied."""
+
+    build: Callable[[World, str], dict | Callable[[], None]]
+    error: type[Exception] | None
+    input: str = "lora_weights"
+    says: tuple[str, ...] = ()  # regexes the message must contain, besides "<input>: ... expected ... got ..."
+    via: str = "predictor"  # or "server": the real Cog server (coglet downloads image URLs itself)
+    env: dict = field(default_factory=dict)  # env vars, weights constants (upper case) or cache settings for the row
+    check: Callable[[World, str], None] | None = None  # more to check afterwards
+
+
+def row(id: str, *args, **kwargs):
+    return pytest.param(Case(*args, **kwargs), id=id)
+
+
+LINK_LOCAL = r"link-local / cloud metadata"
+HUGE = (r"expected at most 16777216 pixels \(4096x4096\)", r"got a larger image \(Image size \(400000000 pixels\)")
+
+CASES = [
+    # --- HTTP status codes, on every source
+    row("url-404", lambda w, t: {"lora_weights": w.faulty(t, "fail", 404)}, NotFoundError,
+        says=(r"was not found", r"got HTTP 404")),
+    row("hf-404-missing-file", lambda w, t: {"extra_lora": w.hf(t) + "/blob/main/missing.safetensors"}, NotFoundError,
+        "extra_lora", (r"missing.safetensors is not in Hugging Face repo", r"got no such path")),
+    row("civitai-404-version", lambda w, t: {"lora_weights": "https://civitai.com/models/1?modelVersionId=404404"},
+        NotFoundError, says=(r"not found", r"got HTTP 404")),
+    row("replicate-404-model", lambda w, t: {"lora_weights": f"hostile/{t}"}, NotFoundError,
+        says=(r"was not found", r"got HTTP 404")),
+    row("url-401", lambda w, t: {"lora_weights": w.faulty(t, "fail", 401, times=-1)}, AuthRequiredError,
+        says=(r"refused access", r"got HTTP 401")),
+    row("hf-401-private-repo", lambda w, t: {"lora_weights": w.hf(t, private=True)},
+        AuthRequiredError, says=(r"needs a Hugging Face token", r"got HTTP 401")),
+    row("civitai-401-needs-token", lambda w, t: {"extra_lora": w.civ(token="civ_x")}, AuthRequiredError, "extra_lora",
+        (r"refused access", r"got HTTP 401", r"civitai_api_token")),
+    row("url-403", lambda w, t: {"lora_weights": w.faulty(t, "fail", 403, times=-1)}, AuthRequiredError,
+        says=(r"refused access", r"got HTTP 403")),
+    row("hf-403-gated", lambda w, t: {"lora_weights": w.hf(t, gated=True)},
+        AuthRequiredError, says=(r"gated", r"got HTTP 403")),
+    row("url-500-forever", lambda w, t: {"lora_weights": w.faulty(t, "fail", 500, times=-1)}, NetworkError,
+        says=(r"kept failing", r"got HTTP 500 after 5 attempts")),
+    # --- transient failures that recover: the prediction succeeds with the LoRA
+    row("url-429-retry-after-then-ok", lambda w, t: {"lora_weights": w.faulty(
+        t, "fail", 429, headers={"Retry-After": str(RETRY_AFTER)})}, None, check=lambda w, t: _waited(w, t, RETRY_AFTER)),
+    row("url-500-then-ok", lambda w, t: {"lora_weights": w.faulty(t, "fail", 500, times=2)}, None,
+        check=lambda w, t: _asked(w, t, 3)),
+    row("civitai-503-api-then-ok", lambda w, t: {"extra_lora": w.civ(api_fault=503)}, None),
+    row("replicate-502-delivery-then-ok", lambda w, t: {"lora_weights": w.rep(t, delivery_fault=502)}, None),
+    # --- pages instead of files
+    row("url-html-login-page", lambda w, t: {"lora_weights": w.serve(
+        t, b"<!doctype html><html><body><form>Sign in</form></body></html>", content_type="text/html")},
+        IncompatibleError, says=(r"expected a \.safetensors LoRA", r"got an HTML/XML page")),
+    row("url-html-as-octet-stream", lambda w, t: {"extra_lora": w.serve(t, b"<html><body>Log in</body></html>")},
+        IncompatibleError, "extra_lora", (r"got an HTML/XML page",)),
+    row("url-redirect-to-login", lambda w, t: {"lora_weights": w.redirect(t, "/accounts/login?next=/x")},
+        AuthRequiredError, says=(r"redirected to a login page", r"got a login redirect")),
+    row("civitai-html-instead-of-file", lambda w, t: {"lora_weights": w.civ(served=b"<html>Please log in</html>")},
+        AuthRequiredError, says=(r"answered with a page instead of the file", r"got an HTML/XML page")),
+    row("hf-html-instead-of-file", lambda w, t: {"lora_weights": w.hf(t, served=b"<html>login</html>")},
+        ChecksumError, says=(r"does not match the Hub's listing", r"got 18 bytes", r"login or error page")),
+    row("replicate-html-instead-of-tar", lambda w, t: {"lora_weights": w.rep(t, b"<html>Sign in</html>")},
+        IncompatibleError, says=(r"got not a tar archive \(an HTML/XML page",)),
+    row("url-json-error-200", lambda w, t: {"lora_weights": w.serve(t, b'{"error": "quota exceeded"}')},
+        IncompatibleError, says=(r"got a JSON document",)),
+    # --- truncated or forged bodies
+    row("url-truncated-every-time", lambda w, t: {"lora_weights": w.faulty(t, "truncate", 1000, times=-1)},
+        NetworkError, says=(r"expected \d+ bytes; got \d+ bytes",)),
+    row("url-truncated-no-length", lambda w, t: {"lora_weights": w.serve(t, w.lora[: len(w.lora) // 2])},
+        ChecksumError, says=(r"got a truncated safetensors file",)),
+    row("civitai-truncated", lambda w, t: {"lora_weights": w.civ(served=w.lora[: len(w.lora) // 2])}, ChecksumError,
+        says=(r"truncated",)),
+    row("civitai-wrong-sha256", lambda w, t: {"lora_weights": w.civ(served=w.other_lora)}, ChecksumError,
+        says=(r"failed its checksum", r"expected sha256 [0-9a-f]{16}\.\.\.; got sha256 [0-9a-f]{16}")),
+    row("hf-wrong-sha256", lambda w, t: {"extra_lora": w.hf(t, served=w.other_lora)}, ChecksumError,
+        "extra_lora", (r"checksum",)),
+    row("replicate-tar-path-traversal", lambda w, t: {"lora_weights": w.rep(t, traversal_tar(w.lora))},
+        IncompatibleError, says=(r"can't tell which file in the tar is the LoRA", r"got \.\./\.\./lora\.safetensors")),
+    row("replicate-truncated-tar", lambda w, t: {"lora_weights": w.rep(t, make_trainer_tar(w.lora)[:3000])},
+        ChecksumError, says=(r"truncated",)),
+    # --- not safetensors
+    row("url-pickle-renamed", lambda w, t: {"lora_weights": w.serve(t, pickle_file())}, IncompatibleError,
+        says=(r"got a Python pickle",)),
+    row("hf-pickle-renamed", lambda w, t: {"extra_lora": w.hf(t, pickle_file())}, IncompatibleError, "extra_lora",
+        (r"got a Python pickle",)),
+    row("data-pickle", lambda w, t: {"lora_weights": data_url(pickle_file())}, IncompatibleError,
+        says=(r"got a Python pickle",)),
+    row("url-huge-header-claim", lambda w, t: {"lora_weights": w.serve(t, huge_header_claim())}, IncompatibleError,
+        says=(r"got a safetensors header of 1099511627776 bytes", r"at most 104857600")),
+    row("civitai-huge-header", lambda w, t: {"lora_weights": w.civ(huge_header(w.lora, 80_000))}, IncompatibleError,
+        says=(r"got a safetensors header of \d+ bytes", r"at most 131072"),
+        env={"MAX_SAFETENSORS_HEADER": 131072}),
+    row("url-zero-bytes", lambda w, t: {"lora_weights": w.serve(t, b"")}, IncompatibleError,
+        says=(r"got an empty file",)),
+    row("civitai-zero-bytes", lambda w, t: {"lora_weights": w.civ(served=b"")}, AuthRequiredError,
+        says=(r"got an empty file",)),
+    row("data-zero-bytes", lambda w, t: {"extra_lora": "data:application/octet-stream;base64,"}, IncompatibleError,
+        "extra_lora", (r"got an empty file",)),
+    # --- LoRAs for other base models, and checkpoints given as a LoRA
+    row("url-sd15-lora", lambda w, t: {"lora_weights": w.serve(t, w.foreign["sd15"])}, IncompatibleError,
+        says=(r"expected an SDXL-family LoRA", r"got an SD1\.x/SD2\.x LoRA")),
+    row("hf-flux-lora", lambda w, t: {"extra_lora": w.hf(t, w.foreign["flux"])}, IncompatibleError, "extra_lora",
+        (r"got a Flux LoRA",)),
+    row("civitai-sd3-lora-labelled-sdxl", lambda w, t: {"lora_weights": w.civ(w.foreign["sd3"])}, IncompatibleError,
+        says=(r"got an SD3 LoRA",)),
+    row("civitai-flux-base-model", lambda w, t: {"lora_weights": w.civ(base_model="Flux.1 D")}, IncompatibleError,
+        says=(r"trained for another base model", r"got baseModel 'Flux\.1 D'")),
+    row("replicate-sd15-in-tar", lambda w, t: {"lora_weights": w.rep(t, make_trainer_tar(w.foreign["sd15"]))},
+        IncompatibleError, says=(r"got an SD1\.x/SD2\.x LoRA",)),
+    row("data-checkpoint-as-lora", lambda w, t: {"lora_weights": data_url(w.foreign["checkpoint"])},
+        IncompatibleError, says=(r"got a full (SDXL|model) checkpoint", r"goes in the checkpoint input")),
+    row("civitai-checkpoint-model", lambda w, t: {"lora_weights": w.civ(model_type="Checkpoint").split("?")[0]},
+        IncompatibleError, says=(r"is not a LoRA", r"got a Checkpoint model")),
+    row("url-oversize-checkpoint", lambda w, t: {"lora_weights": w.serve(t, w.foreign["oversize"])}, TooLargeError,
+        says=(r"too large for a LoRA", r"expected at most 1 MiB \(LORA_MAX_BYTES\)", r"full checkpoint")),
+    row("url-oversize-no-length", lambda w, t: {"extra_lora": w.faulty(t, "no_length", body=w.foreign["oversize"])},
+        TooLargeError, "extra_lora", (r"LORA_MAX_BYTES",)),
+    row("hf-oversize", lambda w, t: {"lora_weights": w.hf(t, w.foreign["oversize"])}, TooLargeError,
+        says=(r"LORA_MAX_BYTES", r"got 2 MiB")),
+    # --- redirects
+    row("url-redirect-loop", lambda w, t: {"lora_weights": w.redirect(t, f"/{t}/lora.safetensors")}, NetworkError,
+        says=(r"redirected too often", r"expected at most 10 redirects")),
+    row("url-redirect-to-file-scheme", lambda w, t: {"lora_weights": w.redirect(t, "file:///etc/passwd")},
+        InvalidReferenceError, says=(r"redirected to a non-http URL", r"got file:")),
+    row("civitai-redirect-to-ftp", lambda w, t: {"extra_lora": w.civ_download("ftp://127.0.0.1/x.safetensors")},
+        InvalidReferenceError, "extra_lora", (r"non-http", r"got ftp:")),
+    # --- slow drip, Content-Disposition
+    row("url-slow-drip", lambda w, t: {"lora_weights": w.faulty(t, "drip", 0.01)}, NetworkError,
+        says=(r"took too long", r"LORA_DOWNLOAD_TIMEOUT"), env={"LORA_DOWNLOAD_TIMEOUT": "0.4"}),
+    row("url-content-disposition-traversal", lambda w, t: {"lora_weights": w.serve(t, w.lora, headers={
+        "Content-Disposition": f'attachment; filename="../../../../../../tmp/{t}.safetensors"'})}, None,
+        check=lambda w, t: _nothing_named(w, t)),
+    # --- link-local and metadata targets (nothing is ever connected to)
+    row("url-metadata-ip", lambda w, t: {"lora_weights": "http://169.254.169.254/latest/meta-data/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL, r"got 169\.254\.169\.254")),
+    row("url-metadata-decimal-ip", lambda w, t: {"extra_lora": "http://2852039166/x.safetensors"}, BlockedHostError,
+        "extra_lora", (LINK_LOCAL, r"got 169\.254\.169\.254")),
+    row("url-ipv6-link-local", lambda w, t: {"lora_weights": "http://[fe80::1]/x.safetensors"}, BlockedHostError,
+        says=(LINK_LOCAL, r"got fe80::1")),
+    row("url-ipv4-mapped-metadata", lambda w, t: {"lora_weights": "http://[::ffff:169.254.169.254]/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL,)),
+    row("url-metadata-hostname", lambda w, t: {"lora_weights": "http://metadata.google.internal/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL, r"metadata host name")),
+    row("url-redirect-to-metadata", lambda w, t: {"lora_weights": w.redirect(t, "http://169.254.169.254/latest/")},
+        BlockedHostError, says=(r"redirected to http://169\.254\.169\.254/latest/", LINK_LOCAL)),
+    row("civitai-redirect-to-ecs-metadata",
+        lambda w, t: {"lora_weights": w.civ_download("http://169.254.170.2/v2/creds")}, BlockedHostError,
+        says=(LINK_LOCAL, r"got 169\.254\.170\.2")),
+    # --- the disk
+    row("url-disk-fills-mid-download", lambda w, t: _fetch_with_file_size_limit(w, w.serve(t, w.lora)), TooLargeError,
+        says=(r"the disk filled up", r"File too large")),
+    row("url-below-free-disk-floor", lambda w, t: {"lora_weights": w.serve(t, w.lora)}, TooLargeError,
+        says=(r"not enough disk space", r"LORA_CACHE_MIN_FREE_BYTES"), env={"min_free_bytes": 1 << 60}),
+    # --- image inputs
+    row("image-not-an-image", lambda w, t: {"image": w.images / "notes.png"}, utils.InputError, "image",
+        (r"expected a PNG, JPEG or WebP image",)),
+    row("image-20000x20000", lambda w, t: {"image": w.images / "huge.png"}, utils.InputError, "image",
+        HUGE),
+    row("image-truncated-png", lambda w, t: {"image": w.images / "truncated.png"}, utils.InputError, "image",
+        (r"expected a complete PNG, JPEG or WebP image, got one that could not be decoded",)),
+    row("mask-20000x20000", lambda w, t: {"image": w.images / "ok.png", "mask": w.images / "huge.png"},
+        utils.InputError, "mask", HUGE),
+    row("mask-html-page", lambda w, t: {"image": w.images / "ok.png", "mask": w.images / "login.png"},
+        utils.InputError, "mask", (r"expected a PNG, JPEG or WebP image",)),
+    row("server-image-url-html-page", lambda w, t: {"image": w.image_host.url + "/login.png"}, utils.InputError,
+        "image", (r"expected a PNG, JPEG or WebP image",), via="server"),
+    row("server-image-url-20000x20000", lambda w, t: {"image": w.image_host.url + "/huge.png"}, utils.InputError,
+        "image", HUGE, via="server"),
+]
+
+
+def _waited(w: World, tag: str, seconds: float) -> None:
+    """The retry came no sooner than the 429's Retry-After asked (the backoff alone would be 0.01 s)."""
+    first, second = [r.at for r in w.files.requests if r.path.startswith(f"/{tag}/")]
+    assert second - first >= seconds
+
+
+def _asked(w: World, tag: str, times: int) -> None:
+    assert w.files.count(f"^/{tag}/", "GET") == times
+
+
+def _nothing_named(w: World, tag: str) -> None:
+    """The Content-Disposition file name was not used: no file of that name anywhere it could have pointed."""
+    assert not Path(f"/tmp/{tag}.safetensors").exists()
+    assert not list(w.cache.root.parent.rglob(f"{tag}*"))
+
+
+# ---------------------------------------------------------------------------------------- rows run elsewhere
+FSIZE_CHILD = r"""
+import json, resource, signal, sys
+import weights
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), hard))
+cache = weights.LoraCache(sys.argv[1])
+try:
+    cache.fetch(weights.parse_lora_ref(sys.argv[2]), input_name="lora_weights")
+    print(json.dumps({"ok": True}))
+except weights.WeightsError as err:
+    print(json.dumps({"error": type(err).__name__, "message": str(err), "input": err.input_name}))
+"""
+
+
+def _fetch_with_file_size_limit(w: World, url: str) -> Callable[[], None]:
+    """The fetch, into this module's cache folder, by a process that may write at most half the LoRA to any file:
+    the download fails part way exactly as on a full disk (an OSError from write()). Raises what the child got."""
+
+    def attempt() -> None:
+        proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(w.cache.root), url, str(len(w.lora) // 2)],
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert "error" in result, "the fetch succeeded despite the file size limit"
+        raise getattr(weights, result["error"])(result["message"], input_name=result["input"])
+
+    return attempt
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _png(predictor, **inputs) -> bytes:
+    (path,) = predictor.predict(**predict_inputs(**{**SMALL, **inputs}))
+    return Path(path).read_bytes()
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def world(predictor, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    mp = pytest.MonkeyPatch()
+    cache = LoraCache(root / "lora-cache", max_file_bytes=LORA_CAP)
+    mp.setattr(predictor, "lora_cache", cache)
+    mp.setattr(weights, "RETRY_BACKOFF", 0.01)
+    mp.setattr(weights, "READ_TIMEOUT", 3.0)
+    mp.setattr(weights, "CONNECT_TIMEOUT", 3.0)
+    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN", "REPLICATE_API_TOKEN", "REPLICATE_WEB_BASE", "LORA_DOWNLOAD_TIMEOUT",
+                 "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        mp.delenv(name, raising=False)
+    mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+    mp.setenv("HF_HOME", str(root / "hf-home"))
+    mp.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    pipe = predictor.models.models["illustrious"].txt2img
+    made = root / "made"
+    made.mkdir()
+    write_kohya_lora(made / "good.safetensors", pipe, te=False)
+    write_kohya_lora(made / "other.safetensors", pipe, te=False, seed=1)
+    foreign = {}
+    for kind in ("sd15", "flux", "sd3", "checkpoint"):
+        foreign[kind] = write_foreign_lora(made / f"{kind}.safetensors", pipe, kind).read_bytes()
+    foreign["oversize"] = oversize_checkpoint()
+
+    images = root / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(images / "ok.png")
+    (images / "notes.png").write_text("shopping list: eggs, milk\n")
+    (images / "login.png").write_text("<!doctype html><html><body>Sign in</body></html>")
+    Image.new("1", (20000, 20000)).save(images / "huge.png", compress_level=1)  # 400 Mpx, ~60 KB on disk
+    ok = (images / "ok.png").read_bytes()
+    (images / "truncated.png").write_bytes(ok[: len(ok) // 2])
+
+    servers = [FakeServer(), FakeHFHub(), FakeCivitai(), FakeReplicate(), FakeServer()]
+    for server in servers:
+        server.start()
+    files, hub, civitai, replicate, image_host = servers
+    for name in ("login.png", "huge.png"):
+        image_host.add_file(f"/{name}", (images / name).read_bytes(), content_type="image/png")
+    mp.setenv("HF_ENDPOINT", hub.url)
+    mp.setenv("CIVITAI_API_BASE", civitai.url)
+    mp.setenv("REPLICATE_API_BASE", replicate.url)
+    try:
+        yield World(predictor=predictor, cache=cache, files=files, hub=hub, civitai=civitai, replicate=replicate,
+                    lora=(made / "good.safetensors").read_bytes(), other_lora=(made / "other.safetensors").read_bytes(),
+                    foreign=foreign, images=images, image_host=image_host, control=_png(predictor))
+    finally:
+        for server in servers:
+            server.stop()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def with_lora(world) -> np.ndarray:
+    """What the good LoRA makes of the control prompt, fetched from a well-behaved URL."""
+    pixels = _pixels(_png(world.predictor, lora_weights=world.serve("well-behaved", world.lora)))
+    assert not np.array_equal(pixels, _pixels(world.control))
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def server_control(cog_server) -> tuple:
+    """(the real Cog server, its output for the control inputs made before any hostile row)."""
+    result = cog_server.predict(SMALL)
+    assert result["status"] == "succeeded", result
+    return cog_server, result["output"]
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def cache_state(cache: LoraCache) -> dict[str, str]:
+    """{entry folder: sha256} after checking that the cache holds nothing partial or bad: no temp leftovers,
+    every entry complete and intact (its file's sha256 and size are its index entry's, its structure is valid
+    safetensors, its folder is its key's hash) and the in-memory index agreeing with the disk."""
+    leftovers = sorted(p.name for p in (cache.root / "tmp").iterdir())
+    assert leftovers == [], f"temp files left in the cache: {leftovers}"
+    entries, total = {}, 0
+    for folder in (cache.root / "entries").iterdir():
+        meta = json.loads((folder / "meta.json").read_text("utf-8"))
+        assert LoraCache.key_name(meta["canonical_id"]) == folder.name
+        data = (folder / weights.LORA_FILE_NAME).read_bytes()
+        assert (sha256(data), len(data)) == (meta["sha256"], meta["size"]), f"entry {folder.name} is not what it says"
+        weights.check_safetensors(folder / weights.LORA_FILE_NAME)
+        entries[folder.name] = meta["sha256"]
+        total += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert {k: v for k, v in cache.stats.items() if k in ("entries", "bytes")} == {"entries": len(entries), "bytes": total}
+    return entries
+
+
+def check_message(message: str, case: Case, err: BaseException | None = None) -> None:
+    assert message.startswith(f"{case.input}:"), f"the error does not name {case.input}: {message}"
+    assert re.search(r"expected .+got ", message), f"the error does not say what was expected and what came: {message}"
+    for pattern in case.says:
+        assert re.search(pattern, message), f"{pattern!r} not in: {message}"
+    if isinstance(err, weights.WeightsError):
+        assert err.input_name == case.input
+
+
+# ------------------------------------------------------------------------------------------------- the test
+@pytest.mark.parametrize("case", CASES)
+def test_hostile_source_fails_clearly_leaves_no_bad_file_and_the_next_prediction_is_unchanged(
+        case: Case, world: World, request, monkeypatch):
+    tag = request.node.callspec.id
+    for name, value in case.env.items():
+        if name == "min_free_bytes":
+            monkeypatch.setattr(world.cache, name, value)
+        elif name.isupper() and hasattr(weights, name):
+            monkeypatch.setattr(weights, name, value)
+        else:
+            monkeypatch.setenv(name, value)
+    built = case.build(world, tag)
+    if case.via == "server":
+        _server_row(case, built, world, request.getfixturevalue("server_control"))
+        return
+    with_lora = request.getfixturevalue("with_lora") if case.error is None else None
+    before = cache_state(world.cache)
+    attempt = built if callable(built) else (lambda: _png(world.predictor, **built))
+
+    if case.error is None:
+        got = _pixels(_png(world.predictor, **built))
+        assert np.array_equal(got, with_lora), "the recovered download did not give the LoRA's image"
+        added = {k: v for k, v in cache_state(world.cache).items() if k not in before}
+        assert list(added.values()) == [sha256(world.lora)]
+        if case.check:
+            case.check(world, tag)
+    else:
+        with pytest.raises(case.error) as caught:
+            attempt()
+        check_message(str(caught.value), case, caught.value)
+        assert cache_state(world.cache) == before
+    monkeypatch.undo()
+    assert _png(world.predictor) == world.control
+
+
+def _server_row(case: Case, inputs: dict, world: World, server_control: list) -> None:
+    """An image input that coglet downloads itself: the failure comes back as the prediction's error."""
+    server, control = server_control
+    result = server.predict({**SMALL, **inputs})
+    assert result["status"] == "failed", result
+    _, _, message = result["error"].partition(f"{case.error.__name__}: ")  # coglet prefixes the exception's name
+    assert message, result["error"]
+    check_message(message, case)
+    assert server.predict(SMALL)["output"] == control
