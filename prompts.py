@@ -60,6 +60,7 @@ tokenizers are read from the pipeline (``pipe.tokenizer``, ``pipe.tokenizer_2``)
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,13 @@ def _parse(text: str, input_name: str) -> list[_Fragment]:
         multiply_from(pos, ROUND_MULTIPLIER)
     for pos in square_open:
         multiply_from(pos, SQUARE_MULTIPLIER)
+
+    # A weight of 400 digits, or nested weights whose product overflows, is infinite (or NaN): the embeddings would
+    # be NaN and the image silently black.
+    for frag in res:
+        if not math.isfinite(frag.weight):
+            raise PromptError(input_name, f"the attention weight of {frag.text.strip()[:40]!r} is too large (it "
+                              "overflows to infinity); expected weights like (word:1.5)")
 
     if not res:
         res = [_Fragment("", 1.0)]
@@ -457,6 +465,12 @@ def encode_prompts(
         negative_embeds = torch.cat(embeds["negative_prompt"], dim=-1).to(dtype=dtype, device=target_device)
         negative_pooled = pooled["negative_prompt"].to(dtype=dtype, device=target_device)
 
+    # Finite but huge weights (say (word:10000000000000000000000000000000000000)) overflow the weighted hidden
+    # states in float32 or the pipeline's dtype; NaN or inf conditioning would give a black image without a word.
+    for name, tensor in (("prompt", prompt_embeds), ("negative_prompt", negative_embeds)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise PromptError(name, f"the attention weights are too large: the weighted text embeddings overflow "
+                              f"{str(dtype).replace('torch.', '')}; expected weights like (word:1.5)")
     n = num_images_per_prompt
 
     def repeat(x: torch.Tensor) -> torch.Tensor:  # exactly as diffusers' encode_prompt duplicates per prompt

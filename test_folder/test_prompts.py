@@ -77,6 +77,22 @@ def test_parser_malformed_weight_raises_prompt_error():
     assert "1.2.3" in str(err.value)
 
 
+OVERFLOWING_WEIGHTS = [
+    ("400 digits", "(cat:" + "9" * 400 + ")"),
+    ("nested product", "((cat:" + "9" * 200 + "):" + "9" * 200 + ")"),
+    ("zero times infinity", "((cat:0):" + "9" * 400 + ")"),
+]
+
+
+@pytest.mark.parametrize("text", [c[1] for c in OVERFLOWING_WEIGHTS], ids=[c[0] for c in OVERFLOWING_WEIGHTS])
+def test_infinite_attention_weight_is_a_prompt_error_not_a_black_image(text):
+    """Found by bench/fuzz_server.py: a weight that overflows to inf/NaN made NaN embeddings and a silently black
+    image; it is refused at parse time (predict's preflight, before any download) with the fragment named."""
+    with pytest.raises(PromptError, match=r"attention weight of 'cat' is too large") as err:
+        parse_prompt_attention(text)
+    assert err.value.input_name == "text"
+
+
 # ----------------------------------------------------------------------------------------------- tiny pipeline
 
 
@@ -206,6 +222,17 @@ def test_bad_inputs_raise_prompt_error_naming_the_input(pipe):
     with pytest.raises(PromptError) as err:
         encode_prompts(pipe, 42, "")
     assert err.value.input_name == "prompt"
+
+
+@pytest.mark.parametrize("which", ["prompt", "negative_prompt"])
+def test_finite_weight_that_overflows_the_embeddings_is_a_prompt_error(pipe, which):
+    """(cat:1e38) parses (finite) but the weighted hidden states overflow float32: refused naming the input."""
+    huge = "(cat:1" + "0" * 38 + ")"
+    texts = {"prompt": "cat", "negative_prompt": ""}
+    texts[which] = huge
+    with pytest.raises(PromptError, match="weighted text embeddings overflow float32") as err:
+        encode_prompts(pipe, texts["prompt"], texts["negative_prompt"])
+    assert err.value.input_name == which
 
 
 # ------------------------------------------------------------------------------------------------------ encoding
