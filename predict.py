@@ -6,6 +6,7 @@ merging in lora.py and prompt encoding in prompts.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -456,8 +457,9 @@ class Predictor(BasePredictor):
         if request.checkpoint is None:
             self.preflight(request)
         fetched: list[weights.LoraFile] = []
-        custom: Optional[weights.LoraFile] = None
-        try:
+        # The files stay pinned in their caches until the prediction ends, also when it is cancelled (the pins are
+        # released by the caches, not from `fetched`, which a cancellation can reach before the file is kept).
+        with self.lora_cache.pinning(), self.checkpoint_pinning(request):
             if request.checkpoint is not None:
                 custom = self.fetch_checkpoint(request.checkpoint, tokens)
                 request = dataclasses.replace(request, spec=self.use_checkpoint(custom))
@@ -476,11 +478,6 @@ class Predictor(BasePredictor):
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
             images = self.generate(request, seed)
-        finally:
-            for file in fetched:
-                self.lora_cache.release(file.ref)
-            if custom is not None:
-                self.checkpoint_cache.release(custom.ref)
         parameters = self.parameters(request, seed, fetched) if request.embed_metadata else None
 
         if request.safety_checker:
@@ -506,8 +503,16 @@ class Predictor(BasePredictor):
         logger.info("prediction done in %.2fs", time.perf_counter() - started)
         return [Path(p) for p in paths]
 
+    def checkpoint_pinning(self, request: Request) -> contextlib.AbstractContextManager:
+        """The checkpoint cache's pinning() scope (creating the cache) when the request names a checkpoint."""
+        if request.checkpoint is None:
+            return contextlib.nullcontext()
+        if self.checkpoint_cache is None:
+            self.checkpoint_cache = weights.CheckpointCache.from_env()
+        return self.checkpoint_cache.pinning()
+
     def fetch_checkpoint(self, ref: weights.WeightsRef, tokens: weights.Tokens) -> weights.LoraFile:
-        """The verified checkpoint file, pinned until the prediction ends (the caller releases it)."""
+        """The verified checkpoint file, pinned until the prediction ends (see checkpoint_pinning)."""
         if self.checkpoint_cache is None:
             self.checkpoint_cache = weights.CheckpointCache.from_env()
         phase = time.perf_counter()

@@ -1805,6 +1805,28 @@ class LoraCache:
             if self._pins[key] <= 0:
                 self._pins.pop(key, None)
 
+    @contextlib.contextmanager
+    def pinning(self) -> Iterator[None]:
+        """Release, when the block ends however it ends, every pin fetch() took inside it.
+
+        A cancellation (cog.CancelationException, raised between any two bytecodes of the predicting thread) can
+        land after fetch() pinned an entry but before the caller holds the returned file to release it; such a
+        pin would keep the entry from eviction for the life of the process.  The block's own pins are found by
+        comparing the counts, so the caller must be the cache's only user while it runs (one prediction at a
+        time, as in the Predictor); pins another thread took meanwhile would be released as well.
+        """
+        with self._lock:
+            before = Counter(self._pins)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for key in list(self._pins):
+                    if self._pins[key] > before[key]:
+                        self._pins[key] = before[key]
+                    if self._pins[key] <= 0:
+                        self._pins.pop(key, None)
+
     def clear(self) -> None:
         """Remove every unpinned entry."""
         with self._lock:

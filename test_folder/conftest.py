@@ -68,6 +68,7 @@ def _server(weights_dir: Path, tmp_path_factory, name: str):
 
     folder = tmp_path_factory.mktemp(name)
     server = CogServer(weights_dir, folder / "server.log", {"LORA_CACHE_DIR": str(folder / "lora-cache")})
+    server.lora_cache = folder / "lora-cache"
     try:
         health = server.wait_ready()
         assert health["status"] == "READY", health
@@ -80,6 +81,65 @@ def _server(weights_dir: Path, tmp_path_factory, name: str):
 def cog_server(tiny_weights: Path, tmp_path_factory):
     """The real Cog server with the tiny model, shared by the interface tests."""
     yield from _server(tiny_weights, tmp_path_factory, "cog-server")
+
+
+# API tokens the faults server has in its environment; test_secrets.py checks that none of them shows anywhere.
+ENV_TOKENS = {
+    "HF_TOKEN": "hf_envQz7Kp2WxHfTok",
+    "CIVITAI_API_TOKEN": "civ_envJ4nV8rTqCivTok",
+    "REPLICATE_API_TOKEN": "r8_envM3sD9yLbR8Tok",
+}
+
+
+@pytest.fixture(scope="session")
+def faults_fakes():
+    """Loopback fakes of the Hugging Face Hub, CivitAI, Replicate and a plain file host, running for the session
+    (the faults server is pointed at them when it starts); tests add their files to them."""
+    from types import SimpleNamespace
+
+    from fakes import FakeCivitai, FakeHFHub, FakeReplicate, FakeServer
+
+    servers = [FakeHFHub(), FakeCivitai(), FakeReplicate(token=ENV_TOKENS["REPLICATE_API_TOKEN"]), FakeServer()]
+    for server in servers:
+        server.start()
+    try:
+        yield SimpleNamespace(hf=servers[0], civitai=servers[1], replicate=servers[2], files=servers[3])
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def faults_server(tiny_weights: Path, cog_server, faults_fakes, tmp_path_factory):
+    """A second real Cog server for the fault tests: it shares cog_server's LoRA cache folder (two processes, one
+    cache), has API tokens in its environment, uses the fakes as Hugging Face / CivitAI / Replicate, and serves
+    test_folder/cancel_probe.py (the real Predictor plus a pause point in LoRA merging, inert unless armed)."""
+    from cog_server import CogServer
+
+    folder = tmp_path_factory.mktemp("faults-server")
+    (folder / "probe").mkdir()
+    env = {
+        "LORA_CACHE_DIR": str(cog_server.lora_cache),
+        "HF_ENDPOINT": faults_fakes.hf.url,
+        "CIVITAI_API_BASE": faults_fakes.civitai.url,
+        "REPLICATE_API_BASE": faults_fakes.replicate.url,
+        "HF_HOME": str(folder / "hf-home"),  # never a real login
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "LORA_RETRY_BACKOFF": "0.01",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "COG_PREDICT_TYPE_STUB": "test_folder/cancel_probe.py:Predictor",
+        "CANCEL_PROBE_DIR": str(folder / "probe"),
+        **ENV_TOKENS,
+    }
+    server = CogServer(tiny_weights, folder / "server.log", env)
+    server.lora_cache = cog_server.lora_cache
+    server.probe_dir = folder / "probe"
+    try:
+        health = server.wait_ready()
+        assert health["status"] == "READY", health
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
