@@ -69,6 +69,11 @@ def _server(weights_dir: Path, tmp_path_factory, name: str):
     folder = tmp_path_factory.mktemp(name)
     server = CogServer(weights_dir, folder / "server.log", {"LORA_CACHE_DIR": str(folder / "lora-cache")})
     server.lora_cache = folder / "lora-cache"
+    yield from _ready(server)
+
+
+def _ready(server):
+    """Yield the server once it reports READY; stop it when the fixture ends."""
     try:
         health = server.wait_ready()
         assert health["status"] == "READY", health
@@ -134,12 +139,7 @@ def faults_server(tiny_weights: Path, cog_server, faults_fakes, tmp_path_factory
     server = CogServer(tiny_weights, folder / "server.log", env)
     server.lora_cache = cog_server.lora_cache
     server.probe_dir = folder / "probe"
-    try:
-        health = server.wait_ready()
-        assert health["status"] == "READY", health
-        yield server
-    finally:
-        server.stop()
+    yield from _ready(server)
 
 
 @pytest.fixture(scope="session")
