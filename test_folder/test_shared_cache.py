@@ -46,6 +46,17 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
+def start_overlapping(cog_server, faults_server, files, path: str, inputs: dict, name: str):
+    """The first server starts downloading `path`; then the second asks for the same LoRA and is given time to reach
+    the cache's lock on that entry."""
+    first = cog_server.start(f"{name}-a", inputs)
+    wait_for(lambda: files.count(path, "GET") == 1, "the first server's download")
+    second = faults_server.start(f"{name}-b", inputs)
+    faults_server.wait_log(second.id, "validated inputs")
+    time.sleep(REACH_LOCK)
+    return first, second
+
+
 def cached_entry(server, url: str):
     return server.lora_cache / "entries" / LoraCache.key_name(parse_lora_ref(url).canonical_id)
 
@@ -66,11 +77,7 @@ def test_two_servers_download_a_lora_once_and_make_the_same_image(cog_server, fa
     url = files.url + "/shared/once.safetensors"
     inputs = {**BASE, "lora_weights": url}
 
-    first = cog_server.start("shared-once-a", inputs)
-    wait_for(lambda: files.count("/shared/once", "GET") == 1, "the first server's download")
-    second = faults_server.start("shared-once-b", inputs)
-    faults_server.wait_log(second.id, "validated inputs")
-    time.sleep(REACH_LOCK)
+    first, second = start_overlapping(cog_server, faults_server, files, "/shared/once", inputs, "shared-once")
     release.set()
     a, b = first.result(), second.result()
 
@@ -88,11 +95,7 @@ def test_a_cancelled_download_leaves_the_other_server_an_intact_file(cog_server,
     files.drip("/shared/cancelled", 0.01, times=1)  # the first download trickles until it is cancelled
     inputs = {**BASE, "lora_weights": url}
 
-    first = cog_server.start("shared-cancel-a", inputs)
-    wait_for(lambda: files.count("/shared/cancelled", "GET") == 1, "the first server's download")
-    second = faults_server.start("shared-cancel-b", inputs)
-    faults_server.wait_log(second.id, "validated inputs")
-    time.sleep(REACH_LOCK)
+    first, second = start_overlapping(cog_server, faults_server, files, "/shared/cancelled", inputs, "shared-cancel")
     assert cog_server.cancel(first.id).status_code == 200
     a, b = first.result(), second.result()
 
