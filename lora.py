@@ -745,6 +745,41 @@ def _is_plain_lora(spec: LayerSpec) -> bool:
     return spec.algo == "lora" and "mid" not in spec.tensors and spec.magnitude is None
 
 
+BATCH_BYTES = 256 << 20  # the float32 accumulator of one batch of same-shape layers
+
+
+def _batch_key(weight: torch.Tensor, contributions: Sequence[tuple[float, LayerSpec]]) -> tuple | None:
+    """What layers must share to be merged in one batch (None: this layer takes the per-layer path)."""
+    if not contributions or weight.dim() < 2:
+        return None
+    shapes = []
+    for _, spec in contributions:
+        if not _is_plain_lora(spec):
+            return None
+        up, down = spec.tensors["up"], spec.tensors["down"]
+        if up.device != weight.device or down.device != weight.device:
+            return None
+        shapes.append((up.shape[0], up[0].numel(), down.shape[0], down[0].numel(), up.dtype, down.dtype))
+    return tuple(weight.shape), weight.dtype, weight.device, tuple(shapes)
+
+
+def _write_batch(members: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[tuple[float, LayerSpec]]]]) -> None:
+    """live_i = (W0_i.float() + sum_j s_j * alpha_ij/rank_j * up_ij @ down_ij).to(dtype) for same-shape layers i."""
+    weights = [weight for weight, _, _ in members]
+    acc = torch.stack([base for _, base, _ in members]).float()
+    flat = acc.view(len(members), acc.shape[1], -1)
+    for j in range(len(members[0][2])):
+        specs = [contributions[j] for _, _, contributions in members]
+        ups = torch.stack([spec.tensors["up"].flatten(1) for _, spec in specs]).float()
+        downs = torch.stack([spec.tensors["down"].flatten(1) for _, spec in specs]).float()
+        factors = [scale * _alpha_scale(spec.alpha, downs.shape[1], spec.rslora) for scale, spec in specs]
+        if len(set(factors)) == 1:
+            flat.baddbmm_(ups, downs, alpha=factors[0])
+        else:  # per-layer alphas (kohya files may carry one per layer)
+            flat.baddbmm_(ups * torch.tensor(factors, device=ups.device).view(-1, 1, 1), downs)
+    torch._foreach_copy_(weights, list(acc.unbind(0)))  # rounds to each weight's dtype
+
+
 def layer_delta(spec: LayerSpec, w0: torch.Tensor) -> torch.Tensor:
     """The float32 delta of one layer at strength 1 (before the user's scale), shaped like the weight."""
     raw = _ALGORITHMS[spec.algo][2](spec, w0.shape)
@@ -900,19 +935,20 @@ class LoraMerger:
                 for layer_id, spec in resolved.layers:
                     desired.setdefault(layer_id, []).append((req.scale, spec, (req.key, resolved.serial, req.scale)))
             self._signature = None
-            written = 0
             t_merge = time.perf_counter()
+            todo = []
             for layer_id in list(self._live.keys() | desired.keys()):
                 contributions = desired.get(layer_id, [])
                 sig = tuple(c[2] for c in contributions)
-                if self._live.get(layer_id, ()) == sig:
-                    continue  # this layer already holds exactly this sum
-                self._write_layer(layer_id, [(s, spec) for s, spec, _ in contributions])
-                written += 1
+                if self._live.get(layer_id, ()) != sig:  # else this layer already holds exactly this sum
+                    todo.append((layer_id, [(s, spec) for s, spec, _ in contributions], sig))
+            self._write_layers([(layer_id, contributions) for layer_id, contributions, _ in todo])
+            for layer_id, _, sig in todo:
                 if sig:
                     self._live[layer_id] = sig
                 else:
                     self._live.pop(layer_id, None)
+            written = len(todo)
             self._sync_device()
             merge_seconds = time.perf_counter() - t_merge
             self._set_pti([(req, pti) for req, _, pti, _, _ in prepared if pti is not None])
@@ -1055,6 +1091,28 @@ class LoraMerger:
             base = base.to(weight.device)
             self._base[layer_id] = base
         return base
+
+    @torch.no_grad()
+    def _write_layers(self, todo: Sequence[tuple[LayerId, Sequence[tuple[float, LayerSpec]]]]) -> None:
+        """Write every layer of `todo`. Layers of one shape whose contributions are all plain LoRA (with the same
+        ranks) are written together, a few batched kernels per group instead of four launches and ~80 us of Python
+        per layer (60 ms for SDXL's 722 layers on an H100 host, where the GPU work is ~10 ms)."""
+        groups: dict[tuple, list] = {}
+        for layer_id, contributions in todo:
+            weight = self._param(layer_id)
+            key = _batch_key(weight, contributions)
+            if key is None:
+                self._write_layer(layer_id, contributions)
+            else:
+                groups.setdefault(key, []).append((weight, self._kept_base(layer_id, weight), contributions))
+        for members in groups.values():
+            per_batch = max(1, BATCH_BYTES // (members[0][0].numel() * 4))
+            for start in range(0, len(members), per_batch):
+                self._write_batch(members[start:start + per_batch])
+
+    @staticmethod
+    def _write_batch(members) -> None:
+        _write_batch(members)
 
     @torch.no_grad()
     def _write_layer(self, layer_id: LayerId, contributions: Sequence[tuple[float, LayerSpec]]) -> None:

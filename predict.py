@@ -267,6 +267,24 @@ class Predictor(BasePredictor):
         self.lora_cache = weights.LoraCache.from_env()
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
+        self.warm_graphs()
+
+    def warm_graphs(self) -> None:
+        """Capture the resident model's UNet graphs for every 1 MP aspect-ratio preset at num_outputs 1 (one
+        denoising step each, through the request path), so that no common first request pays for a capture.
+        Nothing to do where graphs are off (CPU, MPS, SDXL_CUDA_GRAPHS=0)."""
+        model = self.models.models[self.models.resident or next(iter(utils.MODEL_SPECS))]  # CPU: none is "resident"
+        if model.graph_capture is None:
+            return
+        phase = time.perf_counter()
+        embeds = prompts.encode_prompts(model.txt2img, "", model.spec.negative_prompt)
+        for aspect_ratio in utils.ASPECT_RATIOS:
+            width, height = utils.preset_size(aspect_ratio, "1")
+            pipe = model.pipeline("txt2img")
+            pipe.scheduler = utils.make_scheduler(model.spec.scheduler, model.scheduler_config)
+            pipe(**embeds.as_pipeline_kwargs(), width=width, height=height, num_inference_steps=1,
+                 guidance_scale=model.spec.guidance, output_type="latent")
+        logger.info("captured %d UNet graphs in %.2fs", len(model.runner.graphs), time.perf_counter() - phase)
 
     def predict(
         self,

@@ -17,40 +17,23 @@ from typing import Any
 
 import torch
 
+from graphs import GraphRunner, UNetStandIn, graph_inputs, unet_call, unet_output
+
 DEFAULT_INTERVAL = 3  # one full UNet evaluation every 3 steps
 
 
-class StepCachedUNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module, interval: int = DEFAULT_INTERVAL) -> None:
-        super().__init__()
+class StepCachedUNet(UNetStandIn):
+    """With a GraphRunner, the full and the shallow steps each replay a CUDA graph (graphs.py)."""
+
+    def __init__(self, unet: torch.nn.Module, interval: int = DEFAULT_INTERVAL, runner: GraphRunner | None = None):
+        super().__init__(unet)
         if interval < 1:
             raise ValueError(f"interval: expected >= 1, got {interval}")
-        self.unet = unet
         self.interval = interval
+        self.runner = runner
         self.calls = 0
         self.full_calls = 0
         self._deep: torch.Tensor | None = None
-
-    # The attributes the SDXL pipelines read from their UNet.
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def add_embedding(self):
-        return self.unet.add_embedding
-
-    @property
-    def encoder_hid_proj(self):
-        return self.unet.encoder_hid_proj
 
     def reset(self) -> None:
         """Start a new denoising loop: the next call is a full step."""
@@ -58,26 +41,48 @@ class StepCachedUNet(torch.nn.Module):
         self.full_calls = 0
         self._deep = None
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs: Any):
+    def begin(self) -> None:
+        self.reset()
+        if self.runner is not None:
+            self.runner.begin(self.unet)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True,
+                **kwargs: Any):
         full = self._deep is None or self._deep.shape[0] != sample.shape[0] or self.calls % self.interval == 0
         self.calls += 1
+        inputs = graph_inputs(sample, timestep, encoder_hidden_states, **kwargs) if self.runner else None
         if full:
             self.full_calls += 1
-            return self._full(sample, timestep, encoder_hidden_states, **kwargs)
-        return self._shallow(sample, timestep, encoder_hidden_states, **kwargs)
+            if inputs is None:
+                out, self._deep = self._full(lambda: self.unet(sample, timestep, encoder_hidden_states, **kwargs))
+            else:
+                out, self._deep = self.runner.run("full", lambda s: self._full(lambda: unet_call(self.unet, s)),
+                                                  inputs)
+        elif inputs is None:
+            out = self._shallow(sample, timestep, encoder_hidden_states, self._deep, **kwargs)
+        else:
+            (out,) = self.runner.run("shallow", lambda s: (self._shallow(
+                s["sample"], s["timestep"], s["encoder_hidden_states"], s["deep"],
+                added_cond_kwargs=dict(text_embeds=s["text_embeds"], time_ids=s["time_ids"])),),
+                {**inputs, "deep": self._deep})
+        return unet_output(out, return_dict)
 
-    def _full(self, sample, timestep, encoder_hidden_states, **kwargs):
+    def _full(self, call) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole UNet (call()), and the input of its last up block: the deep features the shallow steps reuse."""
+        kept: list[torch.Tensor] = []
+
         def keep(_module, args, block_kwargs):
-            self._deep = block_kwargs["hidden_states"] if "hidden_states" in block_kwargs else args[0]
+            kept.append(block_kwargs["hidden_states"] if "hidden_states" in block_kwargs else args[0])
 
         handle = self.unet.up_blocks[-1].register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+            out = call().sample
         finally:
             handle.remove()
+        return out, kept[0]
 
-    def _shallow(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
-                 added_cond_kwargs=None, return_dict: bool = True, **_ignored):
+    def _shallow(self, sample, timestep, encoder_hidden_states, deep, timestep_cond=None, cross_attention_kwargs=None,
+                 added_cond_kwargs=None, **_ignored) -> torch.Tensor:
         """UNet2DConditionModel.forward restricted to the outermost level (SDXL: no attention there)."""
         unet = self.unet
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
@@ -93,19 +98,14 @@ class StepCachedUNet(torch.nn.Module):
             hidden = resnet(hidden, emb)
             skips.append(hidden)
         last = unet.up_blocks[-1]
-        block_kwargs = dict(hidden_states=self._deep, temb=emb, res_hidden_states_tuple=tuple(skips[-len(last.resnets):]))
+        block_kwargs = dict(hidden_states=deep, temb=emb, res_hidden_states_tuple=tuple(skips[-len(last.resnets):]))
         if getattr(last, "has_cross_attention", False):
             block_kwargs.update(encoder_hidden_states=encoder_hidden_states,
                                 cross_attention_kwargs=cross_attention_kwargs)
         out = last(**block_kwargs)
         if unet.conv_norm_out is not None:
             out = unet.conv_act(unet.conv_norm_out(out))
-        out = unet.conv_out(out)
-        if not return_dict:
-            return (out,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=out)
+        return unet.conv_out(out)
 
 
 def supports_step_cache(unet: torch.nn.Module) -> bool:

@@ -274,27 +274,42 @@ class LoadedModel:
     # request's sampler options (Karras sigmas, SDE, order) never leak into the next.
     scheduler_config: dict
 
-    # go_fast: one pipeline per mode over a StepCachedUNet that shares this model's UNet, built on first use.
-    fast: dict = field(default_factory=dict)
+    # How UNet steps are captured as CUDA graphs (graphs.py); None: eager (CPU, MPS, or SDXL_CUDA_GRAPHS=0).
+    graph_capture: object = None
+    # The pipelines that run a request: one per (mode, go_fast) over a UNet stand-in (graphs.GraphedUNet or
+    # stepcache.StepCachedUNet) that shares this model's UNet, built on first use. The pipelines above stay the
+    # owners of the modules (LoRA merges, placement, prompt encoding).
+    runs: dict = field(default_factory=dict)
+    runner: object = None  # the graphs.GraphRunner shared by this model's stand-ins
 
     def pipeline(self, mode: str, fast: bool = False):
-        """The pipeline for `mode`; fast=True gives its step-cached twin, reset for a new denoising loop."""
+        """The pipeline that runs `mode` (fast=True: its step-cached twin), ready for a new denoising loop."""
         exact = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
-        if not fast:
+        if not fast and self.graph_capture is None:
             return exact
-        if mode not in self.fast:
+        if (mode, fast) not in self.runs:
+            from graphs import GraphedUNet, GraphRunner, cuda_graph_pool
             from stepcache import StepCachedUNet, supports_step_cache
 
-            if not supports_step_cache(exact.unet):
+            if fast and not supports_step_cache(exact.unet):
                 raise InputError(f"go_fast: {self.spec.title}'s UNet has no SDXL layout, so step caching cannot "
                                  "run on it; set go_fast to false")
-            twin = type(exact).from_pipe(exact, unet=StepCachedUNet(exact.unet), add_watermarker=False,
-                                         torch_dtype=exact.unet.dtype)
+            if self.runner is None and self.graph_capture is not None:
+                pool = cuda_graph_pool if exact.unet.device.type == "cuda" else (lambda: None)
+                self.runner = GraphRunner(self.graph_capture, pool)
+            stand_in = (StepCachedUNet(exact.unet, runner=self.runner) if fast
+                        else GraphedUNet(exact.unet, self.runner))
+            twin = type(exact).from_pipe(exact, unet=stand_in, add_watermarker=False, torch_dtype=exact.unet.dtype)
             twin.set_progress_bar_config(disable=True)
-            self.fast[mode] = twin
-        twin = self.fast[mode]
-        twin.unet.reset()
+            self.runs[(mode, fast)] = twin
+        twin = self.runs[(mode, fast)]
+        twin.unet.begin()
         return twin
+
+    def drop_graphs(self) -> None:
+        """Free this model's CUDA graphs (it is leaving accelerator memory)."""
+        if self.runner is not None:
+            self.runner.drop()
 
 
 @dataclass
@@ -307,7 +322,25 @@ class Models:
     resident: str | None = None  # the model whose modules are in accelerator memory (make_resident)
 
 
-def _loaded_model(spec: ModelSpec, txt2img, scheduler_config: dict | None = None) -> LoadedModel:
+def fast_vae(vae, device: "torch.device"):
+    """The VAE with group norms that use the whole GPU (groupnorm.py) on CUDA; as it is elsewhere."""
+    if device.type == "cuda":
+        import groupnorm
+
+        groupnorm.parallelize(vae)
+    return vae
+
+
+def graph_capture_for(device: "torch.device"):
+    """CUDA graphs on CUDA devices unless SDXL_CUDA_GRAPHS=0; eager elsewhere (graphs.py)."""
+    if device.type != "cuda" or os.environ.get("SDXL_CUDA_GRAPHS", "1").strip() == "0":
+        return None
+    from graphs import capture_cuda_graph
+
+    return capture_cuda_graph
+
+
+def _loaded_model(spec: ModelSpec, txt2img, device: "torch.device", scheduler_config: dict | None = None) -> LoadedModel:
     """img2img and inpainting pipelines sharing txt2img's modules (from_pipe), progress bars off."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
@@ -319,7 +352,8 @@ def _loaded_model(spec: ModelSpec, txt2img, scheduler_config: dict | None = None
     for pipe in (img2img, inpaint):
         pipe.set_progress_bar_config(disable=True)
     return LoadedModel(spec=spec, txt2img=txt2img, img2img=img2img, inpaint=inpaint,
-                       scheduler_config=scheduler_config or dict(txt2img.scheduler.config))
+                       scheduler_config=scheduler_config or dict(txt2img.scheduler.config),
+                       graph_capture=graph_capture_for(device))
 
 
 def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> Models:
@@ -330,14 +364,14 @@ def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> 
 
     check_weights_dir(weights_dir)
     start = time.perf_counter()
-    vae = AutoencoderKL.from_pretrained(weights_dir / VAE_DIR, torch_dtype=dtype).to(device)
+    vae = fast_vae(AutoencoderKL.from_pretrained(weights_dir / VAE_DIR, torch_dtype=dtype).to(device), device)
     models = {}
     for key, spec in MODEL_SPECS.items():
         # Loaded into CPU memory; make_resident below moves the default model's modules to the device.
         txt2img = StableDiffusionXLPipeline.from_pretrained(
             weights_dir / spec.folder, vae=vae, torch_dtype=dtype, add_watermarker=False
         )
-        models[key] = _loaded_model(spec, txt2img)
+        models[key] = _loaded_model(spec, txt2img, device)
     checker = StableDiffusionSafetyChecker.from_pretrained(weights_dir / SAFETY_DIR, torch_dtype=dtype).to(device)
     extractor = CLIPImageProcessor.from_pretrained(weights_dir / SAFETY_DIR)
     loaded = Models(device=device, dtype=dtype, models=models, safety_checker=checker, feature_extractor=extractor)
@@ -366,6 +400,9 @@ def make_resident(models: Models, active: str | None) -> bool:
     if models.device.type == "cpu" or models.resident == active:
         return False
     keep, away = placement(models.models, active)
+    for key, model in models.models.items():
+        if key != active:
+            model.drop_graphs()
     models.resident = None  # until every move is done: a failure half-way is redone in full next time
     for module in away:  # out first: the peak is never two models
         module.to("cpu")
@@ -505,6 +542,7 @@ def load_checkpoint_model(source: Path, weights_dir: Path, device, dtype, shared
             pipe.register_modules(**{name: same})
             reused.append(name)
     pipe = pipe.to(device)
+    fast_vae(pipe.vae, device)  # a no-op for the shared VAE, already done
     scheduler_config = dict(pipe.scheduler.config)
     if info.v_prediction:
         scheduler_config["prediction_type"] = "v_prediction"
@@ -512,7 +550,7 @@ def load_checkpoint_model(source: Path, weights_dir: Path, device, dtype, shared
             scheduler_config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     logger.info("checkpoint %s: %s%s, reusing %s", spec.title, "v-prediction" if info.v_prediction else "epsilon",
                 " zero-terminal-SNR" if info.zero_snr else "", ", ".join(reused) or "nothing")
-    return _loaded_model(spec, pipe, scheduler_config)
+    return _loaded_model(spec, pipe, device, scheduler_config)
 
 
 # --- Safety checker --------------------------------------------------------------------------------------------

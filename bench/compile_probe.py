@@ -219,10 +219,183 @@ def static(mode: str | None, sweep_budget_s: float) -> None:
         note("whole_static_new_shape_graphs_832x1216", (lambda g: (unet(**unet_inputs(2, 832, 1216)), graphs() - g)[1])(graphs()))
 
 
+KERNEL_GROUPS = (  # (group, name fragments), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("layout copy", ("nchwtonhwc", "nhwctonchw", "transpose", "permute")),
+    ("conv", ("conv", "implicit_gemm", "fprop", "dgrad", "xmma_fprop")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")),
+    ("group norm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("triton (fused)", ("triton",)),
+    ("pointwise / copy", ("elementwise", "vectorized", "copy", "unrolled", "cat", "upsample", "reduce")),
+)
+
+
+def kernel_table(fn, reps: int = 3) -> dict:
+    """CUDA time per kernel group and the top kernels, over `reps` calls (ms per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")) != "DeviceType.CUDA":
+            continue
+        dt = e.time_range.elapsed_us()
+        name = e.name
+        low = name.lower()
+        group = next((g for g, frags in KERNEL_GROUPS if any(f in low for f in frags)), "other")
+        groups[group] = groups.get(group, 0.0) + dt / 1000 / reps
+        kernels[name[:100]] = kernels.get(name[:100], 0.0) + dt / 1000 / reps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"total_ms": round(sum(groups.values()), 2),
+            "groups_ms": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_ms": [[k, round(v, 2)] for k, v in top]}
+
+
+def to_channels_last(inputs: dict) -> dict:
+    return {**inputs, "sample": inputs["sample"].contiguous(memory_format=torch.channels_last)}
+
+
+def kernels(mode: str | None, sweep_budget_s: float) -> None:
+    """Where eager time goes, and what costs no compile: channels_last, cuDNN autotuning, SDPA backends, CUDA graphs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    note("torch", torch.__version__)
+    note("card", torch.cuda.get_device_name())
+    unet, vae = build()
+    x = unet_inputs(2, 1024, 1024)
+    lat = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = unet(**x).sample.float()
+        note("eager_step_ms", timed(lambda: unet(**x)))
+        note("eager_step_ms_again", timed(lambda: unet(**x)))
+        note("eager_profile", kernel_table(lambda: unet(**x)))
+        note("eager_vae_ms", timed(lambda: vae.decode(lat), reps=5))
+        note("eager_vae_profile", kernel_table(lambda: vae.decode(lat), reps=2))
+        torch.backends.cudnn.benchmark = True
+        note("eager_step_ms_cudnn_benchmark", timed(lambda: unet(**x)))
+        torch.backends.cudnn.benchmark = False
+
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+        xc = to_channels_last(x)
+        latc = lat.contiguous(memory_format=torch.channels_last)
+        y = unet(**xc).sample.float()
+        note("cl_vs_nchw_rel", float((y - ref).norm() / ref.norm()))
+        note("cl_step_ms", timed(lambda: unet(**xc)))
+        note("cl_profile", kernel_table(lambda: unet(**xc)))
+        note("cl_vae_ms", timed(lambda: vae.decode(latc), reps=5))
+        note("cl_vae_profile", kernel_table(lambda: vae.decode(latc), reps=2))
+        torch.backends.cudnn.benchmark = True
+        note("cl_step_ms_cudnn_benchmark", timed(lambda: unet(**xc)))
+        note("cl_vae_ms_cudnn_benchmark", timed(lambda: vae.decode(latc), reps=5))
+        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    note(f"cl_step_ms_{backend.lower()}", timed(lambda: unet(**xc)))
+            except Exception as err:  # noqa: BLE001 - a backend may refuse these shapes
+                note(f"cl_step_ms_{backend.lower()}", repr(err)[:200])
+
+        # CUDA graph of the eager forward: what launch overhead costs.
+        static_in = {k: v for k, v in xc.items()}
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                unet(**static_in)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        t = time.perf_counter()
+        with torch.cuda.graph(graph):
+            static_out = unet(**static_in).sample
+        torch.cuda.synchronize()
+        note("cudagraph_capture_s", time.perf_counter() - t)
+        note("cudagraph_replay_ms", timed(graph.replay))
+        note("cudagraph_vs_eager_rel", float((static_out.float() - y).norm() / y.norm()))
+        del graph, static_out
+        torch.cuda.empty_cache()
+
+        # Regional dynamic compile on channels_last modules (the earlier regional probe was NCHW).
+        compile_modules(unet, vae, mode)
+        note("cl_regional_first_call_s", first_call(lambda: unet(**xc)))
+        note("cl_regional_step_ms", timed(lambda: unet(**xc)))
+        note("cl_regional_profile", kernel_table(lambda: unet(**xc)))
+        note("cl_regional_vae_first_call_s", first_call(lambda: vae.decode(latc)))
+        note("cl_regional_vae_ms", timed(lambda: vae.decode(latc), reps=5))
+        g0 = graphs()
+        unet(**to_channels_last(unet_inputs(2, 832, 1216)))
+        unet(**to_channels_last(unet_inputs(8, 1216, 832)))
+        note("cl_regional_new_shape_graphs", graphs() - g0)
+    note("peak_gib", torch.cuda.max_memory_allocated() / 2**30)
+
+
+def whole_dynamic(mode: str | None, sweep_budget_s: float) -> None:
+    """The whole UNet as one dynamic graph (channels_last): compile time, step time, new shapes."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    torch._dynamo.config.recompile_limit = 16
+    unet, vae = build()
+    unet.to(memory_format=torch.channels_last)
+    x = to_channels_last(unet_inputs(2, 1024, 1024))
+    with torch.inference_mode():
+        note("cl_step_ms", timed(lambda: unet(**x)))
+        compiled = torch.compile(unet, dynamic=True, fullgraph=True, mode=mode)
+        note("whole_dynamic_first_call_s", first_call(lambda: compiled(**x)))
+        note("whole_dynamic_step_ms", timed(lambda: compiled(**x)))
+        note("whole_dynamic_profile", kernel_table(lambda: compiled(**x)))
+        for batch, w_, h_ in ((2, 832, 1216), (8, 1216, 832), (1, 1024, 1024), (4, 1344, 768)):
+            g = graphs()
+            note(f"whole_dynamic_b{batch}_{w_}x{h_}_first_s",
+                 first_call(lambda: compiled(**to_channels_last(unet_inputs(batch, w_, h_)))))
+            note(f"whole_dynamic_b{batch}_{w_}x{h_}_graphs", graphs() - g)
+
+
+def graphed_regional(mode: str | None, sweep_budget_s: float) -> None:
+    """Regional dynamic compile (NCHW, as the predictor keeps it) under a CUDA graph: the step a compiled predictor
+    would get, against the eager graph the predictor ships (graphs.py)."""
+    import graphs
+    import groupnorm
+
+    unet, vae = build()
+    x = unet_inputs(2, 1024, 1024)
+    flat = graphs.graph_inputs(**x)
+    with torch.inference_mode():
+        ref = unet(**x).sample.float()
+        runner = graphs.GraphRunner(graphs.capture_cuda_graph, graphs.cuda_graph_pool)
+        step = lambda: runner.run("unet", lambda s: (graphs.unet_call(unet, s).sample,), flat)  # noqa: E731
+        note("eager_graph_capture_s", first_call(step))
+        note("eager_graph_step_ms", timed(step))
+        groupnorm.parallelize(unet)
+        runner.drop()
+        note("eager_graph_parallel_norm_step_ms", timed(step))
+        note("parallel_norm_rel", float((step()[0].float() - ref).norm() / ref.norm()))
+        for m in unet.modules():
+            if isinstance(m, groupnorm.ParallelGroupNorm):
+                m.native = True
+        runner.drop()
+        compile_modules(unet, vae, mode)
+        note("regional_first_call_s", first_call(lambda: unet(**x)))
+        runner.drop()
+        note("regional_graph_capture_s", first_call(step))
+        note("regional_graph_step_ms", timed(step))
+        note("regional_graph_rel", float((step()[0].float() - ref).norm() / ref.norm()))
+        note("regional_graph_profile", kernel_table(step))
+    blob, _info = torch.compiler.save_cache_artifacts()
+    note("artifacts_mib", len(blob) / 2**20)
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["cold", "warm", "static"])
+    parser.add_argument("stage", choices=["cold", "warm", "static", "kernels", "whole_dynamic", "graphed_regional"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--mode", default=None)
     parser.add_argument("--sweep-budget", type=float, default=90.0)
@@ -231,7 +404,8 @@ def main() -> None:
     OUT = args.out
     RESULTS["stage"] = args.stage
     note("inductor_cache_dir", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-    {"cold": cold, "warm": warm, "static": static}[args.stage](args.mode, args.sweep_budget)
+    {"cold": cold, "warm": warm, "static": static, "kernels": kernels,
+     "whole_dynamic": whole_dynamic, "graphed_regional": graphed_regional}[args.stage](args.mode, args.sweep_budget)
 
 
 if __name__ == "__main__":

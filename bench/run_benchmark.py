@@ -275,6 +275,17 @@ def run(b: Bench) -> None:
         r["notes"].append("WHAT-IF RUN: the bench cast the predictor's pipelines back to its own dtype after setup "
                           "(the predictor as committed runs in float32, see ours_param_dtypes_after_setup)")
         log(f"what-if: cast to {p.models.dtype}: {r['ours_param_dtypes_after_fix']}")
+    model_ours = p.models.models["illustrious"]
+    runner = model_ours.runner
+    r["graphs_captured_in_setup"] = len(runner.graphs) if runner else 0
+    r["graph_capture_s_in_setup"] = round(runner.stats["capture_seconds"], 2) if runner else 0
+    log(f"setup captured {r['graphs_captured_in_setup']} UNet graphs in {r['graph_capture_s_in_setup']}s")
+
+    capture_offset = [0]  # the graphs-off comparison below starts a new runner; its re-warm is not counted
+
+    def captures() -> int:
+        return capture_offset[0] + (model_ours.runner.stats["captures"] if model_ours.runner else 0)
+
     resident_ours = torch.cuda.memory_allocated() if cuda else 0
     r["ours_resident_gib_after_setup"] = round(resident_ours / 2**30, 2)
     b.save()
@@ -315,8 +326,10 @@ def run(b: Bench) -> None:
     r["ours_first_request_new_loras_s"] = round(first_s, 3)
     r["ours_first_apply_ms"] = round(apply_log[-1], 1)
     log(f"ours first request (download+parse+merge {apply_log[-1]:.0f} ms) {first_s:.2f}s")
+    r["graph_captures_first_request"] = captures() - r["graphs_captured_in_setup"]
     ours()  # warm-up
     graphs_after_warmup = dynamo_graphs()
+    captures_after_warmup = captures()
 
     def series(fn, label, warm=1):
         for _ in range(warm):
@@ -379,6 +392,19 @@ def run(b: Bench) -> None:
             mse = float(((a - b_) ** 2).mean())
             return round(10 * math.log10(255.0 ** 2 / mse), 2) if mse else float("inf")
 
+        # CUDA graphs off: the same request must give the same image, bit for bit (graphs replay eager's kernels).
+        capture, before_off = model_ours.graph_capture, captures()
+        model_ours.graph_capture, model_ours.runs, model_ours.runner = None, {}, None
+        eager_images: list = []
+        ours(keep=eager_images, output_format="png")
+        r["graphs_equal_eager"] = bool(np.array_equal(eager_images[0], exact_img))
+        r["graphs_vs_eager_max_abs"] = float(np.abs(eager_images[0] - exact_img).max())
+        xs = series(lambda: ours(), "ours 1024 two LoRAs, CUDA graphs off", warm=0)
+        r["ours_eager_s"] = round(med(xs), 3)
+        model_ours.graph_capture = capture
+        p.warm_graphs()
+        capture_offset[0] = before_off - (model_ours.runner.stats["captures"] if model_ours.runner else 0)
+        log(f"graphs == eager: {r['graphs_equal_eager']} (max abs {r['graphs_vs_eager_max_abs']}); eager {r['ours_eager_s']}s")
         r["go_fast_psnr_db"] = psnr(fast_img, exact_img)
         r["go_fast_psnr_note"] = ("PSNR of the go_fast image against the exact-mode image (same seed, two LoRAs, PNG); "
                                   f"for scale, another seed's exact image scores {psnr(other_img, exact_img)} dB against "
@@ -415,7 +441,12 @@ def run(b: Bench) -> None:
                           "go_fast, a use_standard_sdxl round trip, num_outputs=4); the stock pipeline was not "
                           "loaded yet")
     r["recompiles_after_warmup"] = dynamo_graphs() - graphs_after_warmup
-    r["compile_note"] = ("eager: our path does not call torch.compile, so there is nothing to recompile (dynamo "
+    r["graph_captures_after_warmup"] = captures() - captures_after_warmup
+    r["graph_captures_note"] = ("CUDA graph captures (not compilations: a capture records eager kernels, ~0.1-0.2 s) "
+                                "after the warm-up, over every ours-only run above; setup captures the 11 1 MP presets "
+                                "at num_outputs 1; num_outputs 4, go_fast and the graphs-off comparison capture on "
+                                "first use")
+    r["compile_note"] = ("no torch.compile: CUDA graphs of the eager UNet, so there is nothing to recompile (dynamo "
                          f"unique_graphs counter: {dynamo_graphs()} at the end)")
     b.save()
 
@@ -520,7 +551,48 @@ def run(b: Bench) -> None:
     if b.time_left() > 150 or args.tiny:
         ours_pipe = p.models.models[key].txt2img
         r["diag_ours_unet_step_ms"] = unet_step_ms(ours_pipe.unet)
+        graphed = model_ours.pipeline("txt2img").unet
+        r["diag_ours_graphed_unet_step_ms"] = unet_step_ms(graphed)
         r["diag_ours_vae_decode_ms"] = vae_decode_ms(ours_pipe.vae)
+        try:  # group norms: ours (groupnorm.py) against PyTorch's own, on the same VAE and, as a what-if, the UNet
+            import groupnorm
+
+            norms = [m for m in ours_pipe.vae.modules() if isinstance(m, groupnorm.ParallelGroupNorm)]
+            z = torch.randn(1, 4, args.size // 8, args.size // 8, device=ours_pipe.vae.device, dtype=ours_pipe.vae.dtype)
+            with torch.inference_mode():
+                fast_px = ours_pipe.vae.decode(z).sample.float()
+                for m in norms:
+                    m.native = True
+                r["diag_ours_vae_decode_native_norm_ms"] = vae_decode_ms(ours_pipe.vae)
+                native_px = ours_pipe.vae.decode(z).sample.float()
+                for m in norms:
+                    m.native = False
+            r["diag_vae_parallel_norm_rel_diff"] = float((fast_px - native_px).norm() / native_px.norm())
+            # Is that difference bf16 rounding? Both against the same VAE in float32 (PyTorch's own norms).
+            import copy
+
+            vae32 = copy.deepcopy(ours_pipe.vae).float()
+            for m in vae32.modules():
+                if isinstance(m, groupnorm.ParallelGroupNorm):
+                    m.native = True
+            with torch.inference_mode():
+                ref_px = vae32.decode(z.float()).sample
+            del vae32
+            r["diag_vae_native_bf16_vs_fp32_rel"] = float((native_px - ref_px).norm() / ref_px.norm())
+            r["diag_vae_parallel_bf16_vs_fp32_rel"] = float((fast_px - ref_px).norm() / ref_px.norm())
+            r["diag_vae_parallel_norm_max_abs"] = float((fast_px - native_px).abs().max())
+            r["diag_vae_parallel_norms"] = len(norms)
+            n_unet = groupnorm.parallelize(ours_pipe.unet)
+            drop = model_ours.runner.drop if model_ours.runner else (lambda: None)
+            drop()
+            r["diag_ours_graphed_unet_step_parallel_norm_ms"] = unet_step_ms(model_ours.pipeline("txt2img").unet)
+            for m in ours_pipe.unet.modules():
+                if isinstance(m, groupnorm.ParallelGroupNorm):
+                    m.native = True
+            drop()
+            r["diag_unet_parallel_norms"] = n_unet
+        except Exception as err:  # noqa: BLE001 - a diagnostic
+            r["notes"].append(f"group-norm diagnostic failed: {err!r}")
         r["diag_stock_unet_step_peft_ms"] = unet_step_ms(pipe.unet)
         pipe.disable_lora()
         r["diag_stock_unet_step_lora_disabled_ms"] = unet_step_ms(pipe.unet)
@@ -607,7 +679,11 @@ def print_table(r: dict) -> str:
          fmt(g("stock_setup_s"), " s (one model)"), "<= 20 s", ""),
         ("peak GPU memory", fmt(g("peak_gib"), " GiB"), fmt(g("stock_peak_gib_1024_two_loras"), " GiB"), "<= 16 GiB",
          ""),
-        ("compilations after warm-up", fmt(g("recompiles_after_warmup")), "0 (eager)", "", "eager, no torch.compile"),
+        ("compilations after warm-up", fmt(g("recompiles_after_warmup")), "0 (eager)", "0",
+         "no torch.compile: CUDA graphs of eager kernels"),
+        ("CUDA graphs: captured in setup / on first requests after it", f"{fmt(g('graphs_captured_in_setup'))} in "
+         f"{fmt(g('graph_capture_s_in_setup'), ' s')} / {fmt(g('graph_captures_first_request'))}", "", "",
+         f"same image as graphs off: {fmt(g('graphs_equal_eager'))}; graphs off {fmt(g('ours_eager_s'), ' s')}"),
     ]
     lines = [f"card: {g('card')}  date: {g('date')}  torch {g('versions', {}).get('torch')}  diffusers "
              f"{g('versions', {}).get('diffusers')}", "",

@@ -84,11 +84,12 @@ def test_cancel_during_lora_download_keeps_no_partial_file_and_the_next_predicti
 
 def test_cancel_in_the_middle_of_merging_a_lora_restores_the_weights_for_the_next_prediction(
         faults_server, lora_url, controls):
-    # The LoRA at 0.8 is in the weights; the canceled request rewrites 100 of its 326 layers at 0.3, then stops.
+    # The LoRA at 0.8 is in the weights; the canceled request rewrites at least 100 of its 276 layers at 0.3, then stops.
     assert faults_server.predict({**BASE, "lora_weights": lora_url, "lora_scale": 0.8})["output"] == controls["lora"]
     (faults_server.probe_dir / "pause-merge").write_text("100")
     pending = faults_server.start("cancel-merge", {**BASE, "lora_weights": lora_url, "lora_scale": 0.3})
-    faults_server.wait_log(pending.id, "cancel probe: paused mid-merge after 100 layers")
+    paused = faults_server.wait_log(pending.id, "cancel probe: paused mid-merge after ")
+    assert 100 <= int(paused.split("after ")[1].split()[0]) < 276  # mid-merge: some layers written, not all
     result = cancel_now(faults_server, pending)
 
     assert_clean(faults_server, result)

@@ -252,3 +252,34 @@ def test_release_gives_the_base_back_and_the_next_apply_merges_again(env):
     finally:
         merger.apply([])
     assert_base(env["pipe"], env["base"])
+
+
+def test_same_shape_layers_are_merged_in_batches_with_their_own_alphas_and_ranks(env, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    pipe, merger = env["pipe"], env["merger"]
+    varied = F.write_kohya_lora(env["dir"] / "alphas.safetensors", pipe, seed=21, rank=4)
+    tensors = load_file(str(varied.path))
+    for i, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))):
+        tensors[key] = torch.tensor(1.0 + i % 3)  # a different alpha from layer to layer, within a shape group
+    save_file(tensors, str(varied.path), metadata={"ss_network_module": "networks.lora"})
+    other = F.write_kohya_lora(env["dir"] / "rank2.safetensors", pipe, seed=22, rank=2, alpha=None)
+    pairs = [(varied, 0.7), (other, -0.5)]
+    batches = []
+    monkeypatch.setattr(merger, "_write_batch", lambda members: (batches.append(len(members)), lora._write_batch(members)))
+
+    report = merger.apply([request(fx, s, f"lora {i}") for i, (fx, s) in enumerate(pairs)])
+    assert_merged(pipe, env["base"], expected_for(env, pairs))
+    assert sum(batches) == report.layers_written and len(batches) < report.layers_written  # batched, all of them
+    batched = snapshot(pipe)
+
+    merger.apply([])
+    batches.clear()
+    monkeypatch.setattr(lora, "BATCH_BYTES", 1)  # one layer per batch: the same sums
+    merger.apply([request(fx, s, f"lora {i}") for i, (fx, s) in enumerate(pairs)])
+    assert set(batches) == {1}
+    one_by_one = snapshot(pipe)
+    for key, value in batched.items():
+        torch.testing.assert_close(one_by_one[key], value, rtol=1e-6, atol=1e-6)
+    merger.apply([])
+    assert_base(pipe, env["base"])
