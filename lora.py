@@ -39,6 +39,7 @@ Usage (one merger per base model)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -240,6 +241,9 @@ class LayerSpec:
     magnitude: torch.Tensor | None = None  # DoRA magnitude
     magnitude_style: str = ""  # "lycoris" (dora_scale) or "peft" (lora_magnitude_vector, one per output)
     rslora: bool = False  # PEFT use_rslora: alpha / sqrt(rank)
+    # The file stored the LoRA factors in float16 or bfloat16: they are exact in TF32, so the batched merge may
+    # multiply them on tensor cores (products exact, float32 sums) after they were widened to float32.
+    half_factors: bool = False
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerSpec:
         tensors = {k: v.to(device, dtype) for k, v in self.tensors.items()}
@@ -748,6 +752,20 @@ def _is_plain_lora(spec: LayerSpec) -> bool:
 BATCH_BYTES = 256 << 20  # the float32 accumulator of one batch of same-shape layers
 
 
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool):
+    """float32 matmuls on TF32 tensor cores inside the block (only where the inputs are exact in TF32)."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _batch_key(weight: torch.Tensor, contributions: Sequence[tuple[float, LayerSpec]]) -> tuple | None:
     """What layers must share to be merged in one batch (None: this layer takes the per-layer path)."""
     if not contributions or weight.dim() < 2:
@@ -759,14 +777,15 @@ def _batch_key(weight: torch.Tensor, contributions: Sequence[tuple[float, LayerS
         up, down = spec.tensors["up"], spec.tensors["down"]
         if up.device != weight.device or down.device != weight.device:
             return None
-        shapes.append((up.shape[0], up[0].numel(), down.shape[0], down[0].numel(), up.dtype, down.dtype))
+        shapes.append((up.shape, down.shape, up.dtype, down.dtype))
     return tuple(weight.shape), weight.dtype, weight.device, tuple(shapes)
 
 
 def _write_batch(members: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[tuple[float, LayerSpec]]]]) -> None:
     """live_i = (W0_i.float() + sum_j s_j * alpha_ij/rank_j * up_ij @ down_ij).to(dtype) for same-shape layers i."""
     weights = [weight for weight, _, _ in members]
-    acc = torch.stack([base for _, base, _ in members]).float()
+    acc = torch.empty((len(members), *weights[0].shape), dtype=torch.float32, device=weights[0].device)
+    torch._foreach_copy_(list(acc.unbind(0)), [base for _, base, _ in members])  # one widening pass
     flat = acc.view(len(members), acc.shape[1], -1)
     for j in range(len(members[0][2])):
         specs = [contributions[j] for _, _, contributions in members]
@@ -774,8 +793,12 @@ def _write_batch(members: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[tu
         downs = torch.stack([spec.tensors["down"].flatten(1) for _, spec in specs]).float()
         factors = [scale * _alpha_scale(spec.alpha, downs.shape[1], spec.rslora) for scale, spec in specs]
         if len(set(factors)) == 1:
-            flat.baddbmm_(ups, downs, alpha=factors[0])
-        else:  # per-layer alphas (kohya files may carry one per layer)
+            # The scale goes in as alpha (applied to the float32 product), so 16-bit factors stay exact in TF32:
+            # tensor cores instead of float32 FMA units (on the H100, 722 layers x 2 LoRAs: GEMMs 19.5 -> 14 ms,
+            # now bound by the accumulator's memory traffic; bench/NOTES.md, session 4).
+            with _tf32_matmul(flat.is_cuda and all(spec.half_factors for _, spec in specs)):
+                flat.baddbmm_(ups, downs, alpha=factors[0])
+        else:  # per-layer alphas (kohya files may carry one per layer): scaled factors, float32 FMA
             flat.baddbmm_(ups * torch.tensor(factors, device=ups.device).view(-1, 1, 1), downs)
     torch._foreach_copy_(weights, list(acc.unbind(0)))  # rounds to each weight's dtype
 
@@ -1049,7 +1072,8 @@ class LoraMerger:
             # weight), which saves two casts per layer on every switch or scale change; other algorithms keep
             # the file's dtype to bound memory.
             dtype = torch.float32 if _is_plain_lora(spec) else None
-            layers.append(((component, module_name), spec.to(weight.device, dtype)))
+            half = all(t.dtype in (torch.float16, torch.bfloat16) for t in spec.tensors.values())
+            layers.append(((component, module_name), replace(spec.to(weight.device, dtype), half_factors=half)))
             counts[component] += 1
             algorithms.add("locon" if spec.algo == "lora" and weight.dim() == 4 else spec.algo)
             if spec.magnitude is not None:

@@ -283,3 +283,14 @@ def test_same_shape_layers_are_merged_in_batches_with_their_own_alphas_and_ranks
         torch.testing.assert_close(one_by_one[key], value, rtol=1e-6, atol=1e-6)
     merger.apply([])
     assert_base(pipe, env["base"])
+
+
+def test_only_factors_stored_in_16_bits_are_marked_exact_in_tf32(env):
+    # The batched merge multiplies such factors on TF32 tensor cores (CUDA only): exact for fp16/bf16 values,
+    # rounding for float32 ones, which must stay on float32 units.
+    for dtype, exact in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+        fx = F.write_kohya_lora(env["dir"] / f"tf32-{str(dtype)[6:]}.safetensors", env["pipe"], seed=31, dtype=dtype)
+        req = request(fx, 0.5)
+        parsed, _ = lora.PARSE_CACHE.get(req)
+        resolved = env["merger"]._resolve(req, parsed)
+        assert {spec.half_factors for _, spec in resolved.layers} == {exact}, dtype
