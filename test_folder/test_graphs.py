@@ -17,7 +17,7 @@ import utils
 from conftest import predict_inputs
 from lora_fixtures import write_kohya_lora
 
-SMALL = dict(aspect_ratio="custom", width=320, height=256, num_inference_steps=5, output_format="png",
+SMALL = dict(aspect_ratio="custom", width=320, height=256, num_inference_steps=3, output_format="png",
              prompt="1girl, blue sky", seed=5)
 
 
