@@ -278,10 +278,10 @@ class Predictor(BasePredictor):
             return
         phase = time.perf_counter()
         embeds = prompts.encode_prompts(model.txt2img, "", model.spec.negative_prompt)
+        pipe = model.pipeline("txt2img")
+        pipe.scheduler = utils.make_scheduler(model.spec.scheduler, model.scheduler_config)
         for aspect_ratio in utils.ASPECT_RATIOS:
             width, height = utils.preset_size(aspect_ratio, "1")
-            pipe = model.pipeline("txt2img")
-            pipe.scheduler = utils.make_scheduler(model.spec.scheduler, model.scheduler_config)
             pipe(**embeds.as_pipeline_kwargs(), width=width, height=height, num_inference_steps=1,
                  guidance_scale=model.spec.guidance, output_type="latent")
         logger.info("captured %d UNet graphs in %.2fs", len(model.runner.graphs), time.perf_counter() - phase)
