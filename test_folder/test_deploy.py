@@ -85,4 +85,5 @@ def test_vae_needs_upcast_compares_every_tensor(shared_vae):
     with torch.no_grad():
         next(iter(twin.parameters())).view(-1)[0] += 1e-3
     assert utils.vae_needs_upcast(twin, shared_vae) is True
-    assert utils.vae_needs_upcast(copy.deepcopy(shared_vae).half(), shared_vae) is True  # other dtype: not the same bytes
+    # Another dtype is not the same bytes either.
+    assert utils.vae_needs_upcast(copy.deepcopy(shared_vae).half(), shared_vae) is True
