@@ -256,6 +256,16 @@ def check_weights_dir(weights_dir: Path) -> None:
     required += [weights_dir / VAE_DIR / "config.json", weights_dir / SAFETY_DIR / "config.json",
                  weights_dir / SAFETY_DIR / "preprocessor_config.json"]
     missing = [str(p.relative_to(weights_dir)) for p in required if not p.exists()]
+    checker = weights_dir / SAFETY_DIR
+    if not missing and not (checker / "model.safetensors").is_file():
+        # setup() loads safetensors only: a pickle (.bin) is never unpickled at run time.
+        pickles = sorted(p.name for p in checker.glob("*.bin"))
+        raise WeightsMissingError(
+            f"the safety checker in {checker} has no model.safetensors"
+            + (f" (only {', '.join(pickles)}, a pickle, which setup() never loads)" if pickles else "")
+            + ". Run `script/download_weights --only safety` to fetch it and convert it to safetensors, then "
+            "`script/download_weights --check`."
+        )
     if missing:
         raise WeightsMissingError(
             f"weights not found in {weights_dir} (missing: {', '.join(missing)}). Run `script/download_weights` "
@@ -364,15 +374,17 @@ def load_models(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> 
 
     check_weights_dir(weights_dir)
     start = time.perf_counter()
-    vae = fast_vae(AutoencoderKL.from_pretrained(weights_dir / VAE_DIR, torch_dtype=dtype).to(device), device)
+    vae = fast_vae(AutoencoderKL.from_pretrained(weights_dir / VAE_DIR, torch_dtype=dtype, use_safetensors=True)
+                   .to(device), device)
     models = {}
     for key, spec in MODEL_SPECS.items():
         # Loaded into CPU memory; make_resident below moves the default model's modules to the device.
         txt2img = StableDiffusionXLPipeline.from_pretrained(
-            weights_dir / spec.folder, vae=vae, torch_dtype=dtype, add_watermarker=False
+            weights_dir / spec.folder, vae=vae, torch_dtype=dtype, add_watermarker=False, use_safetensors=True
         )
         models[key] = _loaded_model(spec, txt2img, device)
-    checker = StableDiffusionSafetyChecker.from_pretrained(weights_dir / SAFETY_DIR, torch_dtype=dtype).to(device)
+    checker = StableDiffusionSafetyChecker.from_pretrained(weights_dir / SAFETY_DIR, torch_dtype=dtype,
+                                                           use_safetensors=True).to(device)
     extractor = CLIPImageProcessor.from_pretrained(weights_dir / SAFETY_DIR)
     loaded = Models(device=device, dtype=dtype, models=models, safety_checker=checker, feature_extractor=extractor)
     make_resident(loaded, next(iter(MODEL_SPECS)))
@@ -495,6 +507,14 @@ def load_open_clip_g(path: Path, config_dir: Path, dtype, input_name: str = "che
     return model.to(dtype).eval()
 
 
+def vae_needs_upcast(vae, fp16_fix_vae) -> bool:
+    """Whether `vae` must be decoded in fp32 when the model runs in fp16: True unless it holds exactly the
+    fp16-fix VAE's tensors (same names, shapes, dtypes and values). Most single-file checkpoints bake in the
+    original SDXL VAE, whose activations overflow fp16 (NaN, black images on T4/V100); no cheaper test tells a
+    safe VAE from an unsafe one, so anything but the fp16-fix VAE itself is upcast. bf16 and fp32 never need it."""
+    return not _same_module(vae, fp16_fix_vae)
+
+
 def _same_module(a, b) -> bool:
     """Same class, same tensor names, shapes, dtypes and values (compared on a's device)."""
     if a is b:
@@ -521,7 +541,8 @@ def load_checkpoint_model(source: Path, weights_dir: Path, device, dtype, shared
     try:
         if source.is_dir():
             own_vae = {} if info.has_vae else {"vae": shared_vae}
-            pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=dtype, add_watermarker=False, **own_vae)
+            pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=dtype, add_watermarker=False,
+                                                             use_safetensors=True, **own_vae)
         else:
             vae = shared_vae
             if info.has_vae:  # the local sdxl-base folder has no vae/: convert with the fp16-fix VAE's config
@@ -534,6 +555,9 @@ def load_checkpoint_model(source: Path, weights_dir: Path, device, dtype, shared
     except (KeyError, ValueError, RuntimeError, OSError) as err:
         raise InputError(f"checkpoint: {spec.title} could not be converted as an SDXL checkpoint "
                          f"({type(err).__name__}: {str(err)[:200]})") from err
+    if info.has_vae and vae_needs_upcast(pipe.vae, shared_vae):
+        # Decoded in fp32 when the model runs in fp16 (diffusers upcasts on force_upcast): black/NaN otherwise.
+        pipe.vae.register_to_config(force_upcast=True)
     reused = []
     for name in ("text_encoder", "text_encoder_2", "vae"):
         mine = getattr(pipe, name)

@@ -320,9 +320,12 @@ class _HFRepo:
     gated_token: str | None = None  # gated: file downloads need this token (API calls work unless gated_api)
     gated_api: bool = False  # gated: the API calls (model info, tree) need the token too
     hidden: bool = False  # answers 404 RepoNotFound to everyone, as a deleted or misspelt repo
+    commit: str | None = None  # the head commit to report (a real repo's pinned commit); else one from the files
 
     @property
     def sha(self) -> str:
+        if self.commit:
+            return self.commit
         h = hashlib.sha1()
         for path in sorted(self.files):
             h.update(path.encode() + b"\0" + hashlib.sha1(self.files[path].data).digest())
@@ -372,6 +375,10 @@ class FakeHFHub(FakeServer):
 
     def commit(self, repo: str) -> str:
         return self.repos[repo].sha
+
+    def set_commit(self, repo: str, sha: str) -> None:
+        """Serve the repo at this commit id (e.g. the real repo's pinned commit), accepted as a revision."""
+        self.repos.setdefault(repo, _HFRepo()).commit = sha
 
     # ---- handlers
     @staticmethod

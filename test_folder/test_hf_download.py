@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from safetensors.torch import load_file
 
 import weights
 from fakes import FakeHFHub, hf_hub, make_lora, sha256, weights_env  # noqa: F401  (fixtures)
+from hub_listings import HUB_LISTINGS, placeholder
 from weights import (AuthRequiredError, BlockedHostError, ChecksumError, InvalidReferenceError, LoraCache, NotFoundError,
                      Tokens, parse_lora_ref)
 
@@ -298,30 +301,38 @@ def _fp16_name(rel: str) -> str:
     return rel
 
 
-DECOYS = {  # files the real repos also hold and that must never be fetched
-    SDXL_REPO: ["unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors", "sd_xl_base_1.0.safetensors", "README.md"],
-    VAE_REPO: ["sdxl_vae.safetensors", "diffusion_pytorch_model.bin", "README.md"],
-    SAFETY_REPO: ["pytorch_model.bin", "README.md"],
-    ILLUSTRIOUS_REPO: ["README.md", "samples/preview.png"],
-}
+def legacy_checker_bin(checker_dir: Path, out_file: Path) -> Path:
+    """The tiny safety checker as the real repo ships it: a pickle (torch.save) in the transformers 4.x layout,
+    `vision_model.vision_model.*` keys plus the persisted `position_ids` buffer."""
+    tensors = {}
+    for key, value in load_file(str(checker_dir / "model.safetensors")).items():
+        tensors[("vision_model." + key) if key.startswith("vision_model.") else key] = value
+    positions = tensors["vision_model.vision_model.embeddings.position_embedding.weight"].shape[0]
+    tensors["vision_model.vision_model.embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
+    torch.save(tensors, out_file)
+    return out_file
 
 
 @pytest.fixture(scope="module")
 def hub_repos(tiny_weights: Path, tmp_path_factory) -> dict[str, dict[str, bytes]]:
+    """Every repo of hub_listings.HUB_LISTINGS, file for file: the tiny weights where the script fetches, a
+    placeholder elsewhere. A tiny file whose name the real repo does not have is a fixture error."""
     work = tmp_path_factory.mktemp("hub-src")
     checkpoint = write_ldm_checkpoint(
         tiny_weights / MODEL_DIRS["illustrious"], tiny_weights / VAE_DIR, work / ILLUSTRIOUS_FILE, torch.float16
     )
-    repos = {
+    safety = {k: v for k, v in _folder_files(tiny_weights / SAFETY_DIR).items() if k != "model.safetensors"}
+    safety["pytorch_model.bin"] = legacy_checker_bin(tiny_weights / SAFETY_DIR, work / "pytorch_model.bin").read_bytes()
+    tiny = {
         SDXL_REPO: _folder_files(tiny_weights / MODEL_DIRS["sdxl"], _fp16_name),
         VAE_REPO: _folder_files(tiny_weights / VAE_DIR),
-        SAFETY_REPO: _folder_files(tiny_weights / SAFETY_DIR),
+        SAFETY_REPO: safety,
         ILLUSTRIOUS_REPO: {ILLUSTRIOUS_FILE: checkpoint.read_bytes()},
     }
-    for repo, names in DECOYS.items():
-        for name in names:
-            repos[repo][name] = b"decoy " + name.encode() + b" " * 64
+    repos = {}
+    for repo, listing in HUB_LISTINGS.items():
+        assert set(tiny[repo]) <= set(listing["files"]), set(tiny[repo]) - set(listing["files"])
+        repos[repo] = {path: tiny[repo].get(path) or placeholder(path, size) for path, size in listing["files"].items()}
     return repos
 
 
@@ -331,10 +342,26 @@ def hub(hub_repos):
         for repo, files in hub_repos.items():
             for path, data in files.items():
                 server.add_file(repo, path, data)
+            server.set_commit(repo, HUB_LISTINGS[repo]["commit"])
         yield server
 
 
-def run_script(hub: FakeHFHub, dest: Path, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def pins_file(hub_repos, tmp_path_factory) -> Path:
+    """The script's pins with the sha256 and size of the tiny files (commits unchanged: the real ones)."""
+    script = _load_script()
+    pins = {}
+    for name, pin in script.PINS.items():
+        files = hub_repos[script.SOURCES[name]["repo"]]
+        pins[name] = {"commit": pin["commit"],
+                      "files": {rel: [len(files[rel]), sha256(files[rel])] for rel in pin["files"]}}
+    path = tmp_path_factory.mktemp("pins") / "pins.json"
+    path.write_text(json.dumps(pins))
+    return path
+
+
+def run_script(hub: FakeHFHub, dest: Path, *args: str, token: str = TOKEN,
+               pins: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "WEIGHTS_DIR"}
     home = dest.parent / f".hf-home-{dest.name}"
     env.update(
@@ -349,7 +376,7 @@ def run_script(hub: FakeHFHub, dest: Path, *args: str, token: str = TOKEN) -> su
         TOKENIZERS_PARALLELISM="false",
     )
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--dest", str(dest), *args],
+        [sys.executable, str(SCRIPT), "--dest", str(dest), *(["--pins", str(pins)] if pins else []), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -377,20 +404,48 @@ def assert_no_leftovers(dest: Path) -> None:
         assert not [p.name for p in dest.iterdir() if p.name.startswith(".")], list(dest.iterdir())
 
 
-# ---------------------------------------------------------------------------------------------------- tests
-def test_downloads_layout_verifies_and_is_idempotent(hub: FakeHFHub, tiny_weights: Path, tmp_path: Path):
-    dest = tmp_path / "weights"
+@pytest.fixture(scope="module")
+def downloaded(hub: FakeHFHub, pins_file: Path, tmp_path_factory):
+    """One full `script/download_weights` run against the real listings: (dest, result, repo requests)."""
+    dest = tmp_path_factory.mktemp("downloaded") / "weights"
     before = len(hub.requests)
-    result = run_script(hub, dest)
+    result = run_script(hub, dest, pins=pins_file)
+    return dest, result, repo_requests(hub, before)
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_pins_and_sources_match_the_real_listings(script):
+    """Every file the script asks for exists in the real repo at the pinned commit, with the pinned size."""
+    for name, source in script.SOURCES.items():
+        listing = HUB_LISTINGS[source["repo"]]
+        assert script.PINS[name]["commit"] == listing["commit"], name
+        tree = {path: _Entry(path) for path in listing["files"]}
+        assert script.select_files(name, tree), name  # raises DownloadError naming a missing file
+        for rel, (size, digest) in script.PINS[name]["files"].items():
+            assert rel in listing["files"], f"{name}: {rel} is pinned but not in {source['repo']}"
+            assert listing["files"][rel] in (None, size), f"{name}: {rel}"
+            assert re.fullmatch(r"[0-9a-f]{64}", digest), f"{name}: {rel}"
+        weights = [p for p in script.select_files(name, tree) if p.endswith(script.WEIGHT_SUFFIXES)]
+        assert weights and all(w in script.PINS[name]["files"] for w in weights), f"{name}: unpinned weights"
+
+
+def test_downloads_layout_verifies_and_is_idempotent(downloaded, hub: FakeHFHub, tiny_weights: Path, pins_file: Path):
+    dest, result, first_requests = downloaded
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     assert TOKEN not in output
-    first_requests = repo_requests(hub, before)
     assert first_requests and all(auth == f"Bearer {TOKEN}" for _, _, auth in first_requests)
+    # Only the files of SOURCES are fetched, each at its pinned commit (never `main`).
     fetched = {path for method, path, _ in first_requests if method == "GET" and "/resolve/" in path}
-    for repo, names in DECOYS.items():
-        for name in names:
-            assert not any(p.startswith(f"/{repo}/resolve/") and p.endswith("/" + name) for p in fetched), name
+    script = _load_script()
+    for name, source in script.SOURCES.items():
+        mine = {p for p in fetched if p.startswith(f"/{source['repo']}/resolve/")}
+        assert mine and all(p.startswith(f"/{source['repo']}/resolve/{script.PINS[name]['commit']}/") for p in mine)
+    wanted = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "text_encoder/config.json",
+              "text_encoder_2/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+              "text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors"}
+    never = [p for p in HUB_LISTINGS[SDXL_REPO]["files"] if p not in wanted and not p.startswith("tokenizer")]
+    assert not [p for p in never if any(f.endswith("/" + p) and f.startswith(f"/{SDXL_REPO}/") for f in fetched)]
 
     # layout
     assert sorted(p.name for p in dest.iterdir()) == sorted([*MODEL_DIRS.values(), VAE_DIR, SAFETY_DIR])
@@ -400,15 +455,18 @@ def test_downloads_layout_verifies_and_is_idempotent(hub: FakeHFHub, tiny_weight
             "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet"]
         assert (folder / "model_index.json").is_file() and (folder / "MANIFEST.json").is_file()
         assert not [p for p in folder.rglob("*") if ".fp16." in p.name or p.name.startswith(".")]
-    for folder in (dest / VAE_DIR, dest / SAFETY_DIR):
-        assert (folder / "MANIFEST.json").is_file()
 
-    # sdxl-base, vae, safety: byte for byte the originals (variant suffix dropped)
-    for name in (MODEL_DIRS["sdxl"], VAE_DIR, SAFETY_DIR):
+    # sdxl-base and vae: byte for byte the originals (variant suffix dropped)
+    for name in (MODEL_DIRS["sdxl"], VAE_DIR):
         expected = _folder_files(tiny_weights / name)
         got = {k: v for k, v in _folder_files(dest / name).items() if k != "MANIFEST.json"}
         assert got.keys() == expected.keys(), name
         assert all(got[k] == expected[k] for k in expected), name
+
+    # safety checker: no pickle on disk; its safetensors loads to exactly the tiny checker's tensors
+    checker_files = sorted(p.name for p in (dest / SAFETY_DIR).iterdir())
+    assert checker_files == ["MANIFEST.json", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert_checker_equals_tiny(dest / SAFETY_DIR, tiny_weights / SAFETY_DIR)
 
     # illustrious-xl: converted from the single file; tensors equal the tiny originals (fp16, as converted)
     src, out = tiny_weights / MODEL_DIRS["illustrious"], dest / MODEL_DIRS["illustrious"]
@@ -422,54 +480,69 @@ def test_downloads_layout_verifies_and_is_idempotent(hub: FakeHFHub, tiny_weight
             assert torch.equal(got[key], value.to(torch.float16)), f"{rel}: {key}"
     for rel in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer_2/merges.txt"):
         assert (out / rel).read_bytes() == (dest / MODEL_DIRS["sdxl"] / rel).read_bytes(), rel
-    manifest = json.loads((out / "MANIFEST.json").read_text())
-    assert manifest["repo"] == ILLUSTRIOUS_REPO and manifest["commit"] == hub.commit(ILLUSTRIOUS_REPO)
-    assert ILLUSTRIOUS_FILE in manifest["origin"]
-    assert manifest["files"]["unet/diffusion_pytorch_model.safetensors"]["sha256"] == hashlib.sha256(
+    # MANIFEST.json: the pinned commit, and for every fetched file its size, sha256 and the check it passed
+    pins = json.loads(pins_file.read_text())
+    for name in script.ORDER:
+        manifest = json.loads((dest / script.SOURCES[name]["folder"] / "MANIFEST.json").read_text())
+        assert manifest["commit"] == HUB_LISTINGS[script.SOURCES[name]["repo"]]["commit"], name
+        for rel, (size, digest) in pins[name]["files"].items():
+            assert manifest["origin"][rel] | {"written_as": None} == {
+                "size": size, "sha256": digest, "checked": "pinned-sha256", "written_as": None}, (name, rel)
+    safety = json.loads((dest / SAFETY_DIR / "MANIFEST.json").read_text())
+    assert safety["origin"]["pytorch_model.bin"]["written_as"] == "model.safetensors"
+    assert safety["origin"]["config.json"]["checked"] == "hub-git-blob-id"  # no public sha256: the Hub's record
+    out_manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert out_manifest["files"]["unet/diffusion_pytorch_model.safetensors"]["sha256"] == hashlib.sha256(
         (out / "unet/diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     # one log line per component, with size and time
-    lines = [line for line in result.stdout.splitlines() if line.startswith("[") and " in " in line]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[") and " in " in line and "-> " in line]
     assert len(lines) == 4 and all("B in " in line and line.rstrip().endswith(line.split("-> ")[-1]) for line in lines)
 
     # second run: nothing requested from the hub, nothing changed
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
     count = len(hub.requests)
-    again = run_script(hub, dest)
+    again = run_script(hub, dest, pins=pins_file)
     assert again.returncode == 0, again.stdout + again.stderr
     assert repo_requests(hub, count) == []
     assert again.stdout.count("already complete") == 4
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == mtimes
-
-    # a damaged component is no longer "complete" (checked in-process: no subprocess, no network)
-    script = _load_script()
-    assert all(script.is_complete(name, dest / script.SOURCES[name]["folder"]) for name in script.ORDER)
-    vae_file = dest / VAE_DIR / "diffusion_pytorch_model.safetensors"
-    vae_file.write_bytes(vae_file.read_bytes()[:100])
-    assert not script.is_complete("vae", dest / VAE_DIR)
     assert_no_leftovers(dest)
 
 
-def test_checksum_mismatch_fails_and_keeps_nothing(hub: FakeHFHub, tmp_path: Path):
+def assert_checker_equals_tiny(folder: Path, tiny_checker: Path) -> None:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    converted, info = StableDiffusionSafetyChecker.from_pretrained(folder, use_safetensors=True,
+                                                                  output_loading_info=True)
+    original = StableDiffusionSafetyChecker.from_pretrained(tiny_checker, use_safetensors=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    want = original.state_dict()
+    got = converted.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_hub_checksum_mismatch_fails_and_keeps_nothing(hub: FakeHFHub, pins_file: Path, tmp_path: Path):
     dest = tmp_path / "weights"
-    data = hub.repos[SAFETY_REPO].files["model.safetensors"].data
-    hub.set_served(SAFETY_REPO, "model.safetensors", bytes([data[0] ^ 0xFF]) + data[1:])  # same size, other bytes
+    data = hub.repos[SAFETY_REPO].files["pytorch_model.bin"].data
+    hub.set_served(SAFETY_REPO, "pytorch_model.bin", bytes([data[0] ^ 0xFF]) + data[1:])  # same size, other bytes
     try:
-        result = run_script(hub, dest, "--only", "safety")
+        result = run_script(hub, dest, "--only", "safety", pins=pins_file)
     finally:
-        hub.set_served(SAFETY_REPO, "model.safetensors", None)
+        hub.set_served(SAFETY_REPO, "pytorch_model.bin", None)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "checksum mismatch" in result.stderr
-    assert f"{SAFETY_REPO}/model.safetensors" in result.stderr
+    assert f"{SAFETY_REPO}/pytorch_model.bin" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (dest / SAFETY_DIR).exists()
     assert_no_leftovers(dest)
 
 
-def test_missing_repo_gives_clear_error(hub: FakeHFHub, tmp_path: Path):
+def test_missing_repo_gives_clear_error(hub: FakeHFHub, pins_file: Path, tmp_path: Path):
     dest = tmp_path / "weights"
     hub.set_hidden(SAFETY_REPO)
     try:
-        result = run_script(hub, dest, "--only", "safety")
+        result = run_script(hub, dest, "--only", "safety", pins=pins_file)
     finally:
         hub.set_hidden(SAFETY_REPO, False)
     assert result.returncode == 1
@@ -478,6 +551,87 @@ def test_missing_repo_gives_clear_error(hub: FakeHFHub, tmp_path: Path):
     assert "Traceback" not in result.stderr
     assert_no_leftovers(dest)
     assert not (dest / SAFETY_DIR).exists()
+
+
+def test_pinned_sha256_mismatch_names_file_both_hashes_and_the_fix(script, tmp_path: Path, monkeypatch):
+    """A file that passed the Hub's own check but is not the pinned one (a moved branch, a mirror serving
+    other bytes) stops the run."""
+    served = tmp_path / "diffusion_pytorch_model.safetensors"
+    served.write_bytes(b"other weights")
+    monkeypatch.setitem(script.PINS, "vae", {"commit": "1" * 40, "files": {
+        "diffusion_pytorch_model.safetensors": (13, "a" * 64)}})
+    with pytest.raises(script.DownloadError) as raised:
+        script.verify_pin("vae", "diffusion_pytorch_model.safetensors", served, "1" * 40, None)
+    message = str(raised.value)
+    assert f"{VAE_REPO}/diffusion_pytorch_model.safetensors" in message
+    assert sha256(b"other weights") in message and "a" * 64 in message
+    assert "update PINS" in message and "HF_ENDPOINT" in message
+    monkeypatch.setitem(script.PINS["vae"]["files"], "diffusion_pytorch_model.safetensors",
+                        (13, sha256(b"other weights")))
+    assert script.verify_pin("vae", "diffusion_pytorch_model.safetensors", served, "1" * 40, None)["checked"] == (
+        "pinned-sha256")
+
+
+def test_pickle_conversion_loads_tensors_only(script, tiny_weights: Path, tmp_path: Path):
+    """The legacy-layout .bin becomes a safetensors checker with identical tensors; a pickle that holds anything
+    but tensors is refused without running it."""
+    folder = tmp_path / "checker"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_weights / SAFETY_DIR / name, folder / name)
+    source = legacy_checker_bin(tiny_weights / SAFETY_DIR, tmp_path / "pytorch_model.bin")
+    assert script.pickle_to_safetensors(source, folder / "model.safetensors") > 10
+    assert_checker_equals_tiny(folder, tiny_weights / SAFETY_DIR)
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"weight": torch.zeros(2), "payload": _Entry("x")}, evil)
+    with pytest.raises(script.DownloadError, match="weights_only=True"):
+        script.pickle_to_safetensors(evil, tmp_path / "evil.safetensors")
+    assert not (tmp_path / "evil.safetensors").exists()
+
+
+def test_check_passes_a_good_folder_and_lists_what_is_wrong(script, downloaded, pins_file, tmp_path: Path, capsys,
+                                                           monkeypatch):
+    monkeypatch.setattr(script, "PINS", copy.deepcopy(script.PINS))  # --pins replaces them for this test only
+    dest = tmp_path / "weights"
+    shutil.copytree(downloaded[0], dest)
+    assert script.main(["--dest", str(dest), "--check", "--pins", str(pins_file)]) == 0
+    assert capsys.readouterr().out.count("sha256 verified") == 4
+
+    vae_file = dest / VAE_DIR / "diffusion_pytorch_model.safetensors"
+    vae_file.write_bytes(vae_file.read_bytes()[:100])  # truncated
+    unet = dest / MODEL_DIRS["sdxl"] / "unet/diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit, same size
+    unet.write_bytes(bytes(data))
+    (dest / MODEL_DIRS["illustrious"] / "tokenizer_2/vocab.json").unlink()
+    (dest / SAFETY_DIR / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    assert script.main(["--dest", str(dest), "--check", "--pins", str(pins_file)]) == 1
+    out = capsys.readouterr().out
+    assert f"{vae_file}: 100 bytes, MANIFEST.json records" in out
+    assert f"{unet}: sha256 " in out
+    assert f"{dest / MODEL_DIRS['illustrious'] / 'tokenizer_2/vocab.json'}: missing" in out
+    assert "pytorch_model.bin: not written by script/download_weights (a pickle must never be baked" in out
+    assert "4 of 4 components need attention" in out and "--only vae --force" in out
+
+    shutil.rmtree(dest / VAE_DIR)
+    assert script.main(["--dest", str(dest), "--check", "--only", "vae", "--pins", str(pins_file)]) == 1
+    assert f"{dest / VAE_DIR}: missing" in capsys.readouterr().out
+
+
+def test_old_layout_folder_is_outdated(script, downloaded, pins_file, tmp_path: Path, monkeypatch):
+    """A folder written before the pins (revision `main`, no pins in its manifest) is fetched again."""
+    monkeypatch.setattr(script, "PINS", copy.deepcopy(script.PINS))
+    script.load_pins(pins_file)
+    folder = tmp_path / VAE_DIR
+    shutil.copytree(downloaded[0] / VAE_DIR, folder)
+    assert script.is_complete("vae", folder) and script.check_component("vae", tmp_path) == []
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["source"] = {k: v for k, v in manifest["source"].items() if k not in ("commit", "pins")} | {
+        "revision": "main"}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert not script.is_complete("vae", folder)
+    assert any("another source table" in p for p in script.check_component("vae", tmp_path))
 
 
 # ------------------------------------------------------------------------------ script internals, in-process

@@ -1,0 +1,134 @@
+"""The real file listings of the Hugging Face repos that script/download_weights pins, as data, in one place.
+
+The fake hub in test_hf_download.py serves exactly these files at exactly these commits, so a test fails when the
+script asks for a file the real repo does not have (as it once asked for the safety checker's model.safetensors,
+which exists only on unmerged PR branches). The files the script fetches are served with the bytes of the tiny
+weights; every other listed file with a placeholder whose size is the real size scaled down (SCALE).
+
+Sizes are in bytes as the public record shows them; None where the record names the file without a size.
+Each repo says where its listing comes from (public pages and code read 2026-12; nothing of them is copied here
+but names and sizes).
+"""
+
+from __future__ import annotations
+
+SCALE = 1 << 20  # a placeholder holds size // SCALE bytes (at least 64)
+
+HUB_LISTINGS: dict[str, dict] = {
+    "CompVis/stable-diffusion-safety-checker": {
+        "commit": "cb41f3a270d63d454d385fc2e4f571c487c253c5",
+        "source": "Hub pages of the repo: commits/main (3 commits, HEAD cb41f3a 'Model Car (#34)') and the tree at "
+                  "that commit (the page of refs/pr/40, which points at it): .gitattributes, README.md, config.json "
+                  "4.55 kB, preprocessor_config.json 342 B, pytorch_model.bin 1.22 GB; the exact .bin size from a "
+                  "public training report that downloaded it at cb41f3a. model.safetensors is only on refs/pr/39 and "
+                  "refs/pr/41 (unmerged).",
+        "files": {
+            ".gitattributes": None,
+            "README.md": None,
+            "config.json": 4550,
+            "preprocessor_config.json": 342,
+            "pytorch_model.bin": 1216067303,
+        },
+    },
+    "madebyollin/sdxl-vae-fp16-fix": {
+        "commit": "207b116dae70ace3637169f1ddd2434b91b3a8cd",
+        "source": "public download manifests pinned to 207b116 (config.json 631 B, diffusion_pytorch_model"
+                  ".safetensors 334,643,238 B, sdxl.vae.safetensors 334,641,162 B, README.md 3,143 B); "
+                  "sdxl_vae.safetensors from public scripts that fetch it from main; the images/ names from the "
+                  "README at blob 516c5f6. Other files may exist: none the script asks for.",
+        "files": {
+            ".gitattributes": None,
+            "README.md": 3143,
+            "config.json": 631,
+            "diffusion_pytorch_model.safetensors": 334643238,
+            "sdxl.vae.safetensors": 334641162,
+            "sdxl_vae.safetensors": None,
+            "images/activation-magnitudes.jpg": None,
+            "images/fix-fp16.png": None,
+            "images/fix-fp32.png": None,
+            "images/orig-fp16.png": None,
+            "images/orig-fp32.png": None,
+        },
+    },
+    "stabilityai/stable-diffusion-xl-base-1.0": {
+        "commit": "462165984030d82259a11f4367a4eed129e94a7b",
+        "source": "HfApi.model_info(files_metadata=True) output of the repo's main (= 462165984030, unchanged "
+                  "since 2023) printed in a public script (every file over 1 MiB, with sizes), plus the configs "
+                  "and tokenizer files with sizes from public pinned-file manifests of 462165984030. Small images "
+                  "of the README (under 1 MiB) are not in that record and are left out.",
+        "files": {
+            ".gitattributes": None,
+            "01.png": 4608613,
+            "LICENSE.md": 14109,
+            "README.md": 8668,
+            "model_index.json": 609,
+            "scheduler/scheduler_config.json": 479,
+            "sd_xl_base_1.0.safetensors": 6938078334,
+            "sd_xl_base_1.0_0.9vae.safetensors": 6938078334,
+            "sd_xl_offset_example-lora_1.0.safetensors": 49553604,
+            "text_encoder/config.json": 565,
+            "text_encoder/flax_model.msgpack": 492248682,
+            "text_encoder/model.fp16.safetensors": 246144152,
+            "text_encoder/model.onnx": 492587457,
+            "text_encoder/model.safetensors": 492265168,
+            "text_encoder/openvino_model.bin": 492242672,
+            "text_encoder/openvino_model.xml": 1057789,
+            "text_encoder_2/config.json": 575,
+            "text_encoder_2/flax_model.msgpack": 2778657095,
+            "text_encoder_2/model.fp16.safetensors": 1389382176,
+            "text_encoder_2/model.onnx_data": 2778639360,
+            "text_encoder_2/model.safetensors": 2778702264,
+            "text_encoder_2/openvino_model.bin": 2778640120,
+            "text_encoder_2/openvino_model.xml": 2790191,
+            "tokenizer/merges.txt": 524619,
+            "tokenizer/special_tokens_map.json": 472,
+            "tokenizer/tokenizer_config.json": 737,
+            "tokenizer/vocab.json": 1059962,
+            "tokenizer_2/merges.txt": 524619,
+            "tokenizer_2/special_tokens_map.json": 460,
+            "tokenizer_2/tokenizer_config.json": 725,
+            "tokenizer_2/vocab.json": 1059962,
+            "unet/config.json": 1680,
+            "unet/diffusion_flax_model.msgpack": 10269915611,
+            "unet/diffusion_pytorch_model.fp16.safetensors": 5135149760,
+            "unet/diffusion_pytorch_model.safetensors": 10270077736,
+            "unet/model.onnx": 7293842,
+            "unet/model.onnx_data": 10269854720,
+            "unet/openvino_model.bin": 10269856428,
+            "unet/openvino_model.xml": 22577438,
+            "vae/config.json": 642,
+            "vae/diffusion_flax_model.msgpack": 334623853,
+            "vae/diffusion_pytorch_model.fp16.safetensors": 167335342,
+            "vae/diffusion_pytorch_model.safetensors": 334643268,
+            "vae_1_0/diffusion_pytorch_model.fp16.safetensors": 167335342,
+            "vae_1_0/diffusion_pytorch_model.safetensors": 334643268,
+            "vae_decoder/model.onnx": 198093688,
+            "vae_decoder/openvino_model.bin": 197961232,
+            "vae_encoder/model.onnx": 136775724,
+            "vae_encoder/openvino_model.bin": 136655184,
+        },
+    },
+    "OnomaAIResearch/Illustrious-xl-early-release-v0": {
+        "commit": "dca0dac303e6dc4b0c31d8001bc685b89b5d0204",
+        "source": "a public model catalog that listed the repo at dca0dac (2026-09-09, gated=False, 10 files, naming "
+                  "Illustrious-XL-v0.1-GUIDED.safetensors, Illustrious-XL-v0.1.safetensors, unet/diffusion_pytorch_"
+                  "model.bin and unet/diffusion_pytorch_model.safetensors); the checkpoint's size from public "
+                  "download manifests pinned to dca0dac. The other four files were not named there: the two below "
+                  "that every Hub repo has, and two unknown, left out.",
+        "files": {
+            ".gitattributes": None,
+            "README.md": None,
+            "Illustrious-XL-v0.1.safetensors": 6938040760,
+            "Illustrious-XL-v0.1-GUIDED.safetensors": None,
+            "unet/diffusion_pytorch_model.bin": None,
+            "unet/diffusion_pytorch_model.safetensors": None,
+        },
+    },
+}
+
+
+def placeholder(path: str, size: int | None) -> bytes:
+    """Bytes standing in for a file the script must never fetch (its size scaled down)."""
+    length = max(64, (size or 0) // SCALE)
+    head = f"placeholder for {path}\n".encode()
+    return (head * (length // len(head) + 1))[:length]
