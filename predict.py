@@ -285,7 +285,8 @@ def parse_more_loras(text: Optional[str]) -> tuple[LoraInput, ...]:
                 raise utils.InputError(f"{name}: expected a scale from -1 to 3, got {parts[1][:40]}")
         loras.append(LoraInput(name, weights.parse_lora_ref(parts[0], input_name=name), scale))
         if len(loras) > MAX_MORE_LORAS:
-            raise utils.InputError(f"{name}: at most {MAX_MORE_LORAS} LoRAs in more_loras, got more")
+            raise utils.InputError(f"{name}: at most {MAX_MORE_LORAS} LoRAs in more_loras ({MAX_LORAS} per request "
+                                   "with lora_weights and extra_lora), got more")
     return tuple(loras)
 
 
@@ -786,7 +787,8 @@ class Predictor(BasePredictor):
         for key, merger in self.mergers.items():
             if key != request.spec.key and mine & self._lora_modules(key):
                 merger.reset()
-        report = self.mergers[request.spec.key].apply(list(by_key.values()))
+        # In a fixed order (by file), so that the order of LoRAs across the three inputs cannot change the sums.
+        report = self.mergers[request.spec.key].apply(sorted(by_key.values(), key=lambda r: r.key))
         if report.changed:
             logger.info("applied %d LoRAs to %s (%d layers written) in %.3fs", len(by_key), request.spec.key,
                         report.layers_written, report.seconds)
