@@ -26,7 +26,8 @@ from lora_fixtures import write_diffusers_lora, write_kohya_lora, write_locon_lo
 from test_lora_formats import assert_merged, snapshot
 import lora_fixtures as F
 
-SMALL = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=1, output_format="png", seed=5)
+SMALL = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=1, output_format="png", seed=5,
+             prompt="1girl, (red:1.2) hat", negative_prompt="bad hands, lowres")
 
 
 def data_url(tensors: dict[str, torch.Tensor]) -> str:
@@ -34,7 +35,7 @@ def data_url(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def image(predictor, **overrides) -> tuple[np.ndarray, str]:
-    (path,) = predictor.predict(**predict_inputs(**{**SMALL, "prompt": "1girl, red hat", **overrides}))
+    (path,) = predictor.predict(**predict_inputs(**{**SMALL, **overrides}))
     return np.asarray(Image.open(path).convert("RGB")), utils.read_parameters(path) or ""
 
 
@@ -46,9 +47,15 @@ def word_rows(pipe, text: str) -> dict[str, torch.Tensor]:
     """An SDXL embedding (A1111 keys) whose vectors are copies of the token embeddings of `text`."""
     ids1 = pipe.tokenizer(text, add_special_tokens=False).input_ids
     ids2 = pipe.tokenizer_2(text, add_special_tokens=False).input_ids
-    assert ids1 == ids2 and len(ids1) == len(text.split())  # whole words of the tiny vocabulary
+    assert ids1 == ids2  # the tiny tokenizers share one vocabulary
     return {"clip_l": pipe.text_encoder.get_input_embeddings().weight[ids1].detach().clone(),
             "clip_g": pipe.text_encoder_2.get_input_embeddings().weight[ids2].detach().clone()}
+
+
+@pytest.fixture(scope="module")
+def control(predictor) -> np.ndarray:
+    """The plain image (no LoRA, embedding or VAE input) that the exactness tests compare with."""
+    return image(predictor)[0]
 
 
 @pytest.fixture(scope="module")
@@ -183,20 +190,20 @@ def test_embedding_files_are_told_apart_by_their_keys(header, says):
     assert (what is None) if says is None else (says in what)
 
 
-def test_an_embedding_of_copied_word_vectors_gives_the_image_of_the_word(predictor):
+def test_an_embedding_of_copied_word_vectors_gives_the_image_of_the_word(predictor, control):
     """One-vector in the prompt, multi-vector in the negative prompt; the name inside emphasis, upper case. Then
     the tokenizers and tables are the very objects they were, and the next image is bitwise the plain one."""
     pipe = pipe_of(predictor)
     before = (pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder.get_input_embeddings().weight,
               pipe.text_encoder_2.get_input_embeddings().weight, len(pipe.tokenizer), len(pipe.tokenizer_2))
-    plain, _ = image(predictor, prompt="1girl, (red:1.2) hat", negative_prompt="bad hands, lowres")
+    plain = control
     spec = f"myRed={data_url(word_rows(pipe, 'red'))}\nbadstuff = {data_url(word_rows(pipe, 'bad hands'))}"
     with_ti, text = image(predictor, prompt="1girl, (MYRED:1.2) hat", negative_prompt="badstuff, lowres",
                           embeddings=spec)
     assert np.array_equal(plain, with_ti)
     assert (pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder.get_input_embeddings().weight,
             pipe.text_encoder_2.get_input_embeddings().weight, len(pipe.tokenizer), len(pipe.tokenizer_2)) == before
-    again, _ = image(predictor, prompt="1girl, (red:1.2) hat", negative_prompt="bad hands, lowres")
+    again, _ = image(predictor)
     assert np.array_equal(plain, again)
     hashes = {name: weights.hashlib.sha256(save(word_rows(pipe, words))).hexdigest()[:10]
               for name, words in (("myRed", "red"), ("badstuff", "bad hands"))}
@@ -218,7 +225,7 @@ def loaded_embedding(pipe, name: str, words: str, line: int = 1) -> embeddings.E
 def test_embeddings_work_with_weighting_break_long_prompts_and_whole_words_only(predictor, clip_skip):
     pipe = pipe_of(predictor)
     loaded = [loaded_embedding(pipe, "hatty", "red hat", 1), loaded_embedding(pipe, "neg", "lowres", 2)]
-    long_tail = ", ".join(["cat"] * 90)  # two chunks
+    long_tail = ", ".join(["cat"] * 40)  # past one 75-token chunk
     cases = [
         ("[hatty], (1girl:1.1) BREAK hatty, " + long_tail, "(neg:1.4), hattyx",
          "[red hat], (1girl:1.1) BREAK red hat, " + long_tail, "(lowres:1.4), hattyx"),
@@ -226,7 +233,7 @@ def test_embeddings_work_with_weighting_break_long_prompts_and_whole_words_only(
     for prompt, negative, want_prompt, want_negative in cases:
         got = encode(pipe, prompt, negative, clip_skip, loaded)
         want = encode(pipe, want_prompt, want_negative, clip_skip)
-        assert got.chunks == want.chunks == 2
+        assert got.chunks == want.chunks >= 2
         for field in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
                       "negative_pooled_prompt_embeds"):
             assert torch.equal(getattr(got, field), getattr(want, field)), field
@@ -253,14 +260,15 @@ def test_a_failure_inside_the_block_still_restores_exactly(predictor):
     before = (pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight,
               pipe.text_encoder_2.get_input_embeddings().num_embeddings)
     with pytest.raises(RuntimeError, match="boom"):
-        with embeddings.applied(pipe, [loaded_embedding(pipe, "hatty", "red hat")]):
-            assert len(pipe.tokenizer) == len(before[0]) + 2
+        emb = loaded_embedding(pipe, "hatty", "red hat")
+        with embeddings.applied(pipe, [emb]):
+            assert len(pipe.tokenizer) == len(before[0]) + emb.count > len(before[0]) + 1
             raise RuntimeError("boom")
     assert (pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight,
             pipe.text_encoder_2.get_input_embeddings().num_embeddings) == before
 
 
-def test_embedding_errors_name_the_line_and_nothing_stays_applied(predictor, files, caplog):
+def test_embedding_errors_name_the_line_and_nothing_stays_applied(predictor, files, control, caplog):
     pipe = pipe_of(predictor)
     url = files["url"]
     tokenizer = pipe.tokenizer
@@ -282,25 +290,25 @@ def test_embedding_errors_name_the_line_and_nothing_stays_applied(predictor, fil
             image(predictor, embeddings=spec)
         assert pipe.tokenizer is tokenizer
     caplog.set_level(logging.WARNING, logger="embeddings")
-    plain, _ = image(predictor)
     unused, _ = image(predictor, embeddings=url["redTI"])  # redTI never appears: a warning, the same image
-    assert np.array_equal(plain, unused)
+    assert np.array_equal(control, unused)
     assert any("embeddings line 1: the embedding 'redTI' appears in neither prompt" in r.getMessage()
                for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------------------ vae
-def test_vae_in_a1111_layout_decodes_like_the_baked_one_and_another_changes_the_image(predictor, files):
+def test_vae_in_a1111_layout_decodes_like_the_baked_one_and_another_changes_the_image(predictor, files, control):
     pipe = pipe_of(predictor)
     own = pipe.vae
-    plain, _ = image(predictor)
+    plain = control
     same, text = image(predictor, vae=files["url"]["same_vae"])
     assert np.array_equal(plain, same)  # the baked VAE's weights in A1111 layout: bitwise the same decode
     assert f"VAE hash: {weights._sha256_file(files['folder'] / 'same_vae.safetensors')[:10]}" in text
     other, _ = image(predictor, vae=files["url"]["other_vae"])
     assert not np.array_equal(plain, other)
-    assert pipe.vae is own and predictor.models.models["illustrious"].img2img.vae is own
-    assert np.array_equal(plain, image(predictor)[0])
+    # The model's own VAE is back in every pipeline (the next plain request decodes with it).
+    model = predictor.models.models["illustrious"]
+    assert all(p.vae is own for p in (model.txt2img, model.img2img, model.inpaint, *model.runs.values()))
 
 
 def test_vae_refusals_name_the_input(predictor, files):
