@@ -376,10 +376,15 @@ def _query_value(query: str | None, name: str) -> str | None:
     return None
 
 
+def _a(kind: str) -> str:
+    """The kind with its article, for messages: "a LoRA", "an embedding", "a VAE"."""
+    return f"{'an' if kind == 'embedding' else 'a'} {kind}"
+
+
 def _air_ref(m: re.Match, types: frozenset[str] | set[str] = _AIR_TYPES, kind: str = "LoRA") -> WeightsRef:
     eco, typ = m["eco"].lower(), m["type"].lower()
     if typ not in types:
-        raise InvalidReferenceError(f"the AIR names a {typ!r}, not a {kind}")
+        raise InvalidReferenceError(f"the AIR names a {typ!r}, not {_a(kind)}")
     if eco not in _AIR_ECOSYSTEMS:
         raise InvalidReferenceError(f"the AIR is for the {eco!r} ecosystem, not SDXL/Illustrious/Pony")
     return _civitai_ref(m["id"], m["v"])
@@ -1540,9 +1545,9 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
         if mtype and mtype not in KINDS[ctx.kind].civitai_types:
             expected = {"checkpoint": "a Checkpoint model", "LoRA": "a LoRA/LyCORIS model",
                         "embedding": "a TextualInversion (embedding) model", "VAE": "a VAE model"}[ctx.kind]
-            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a{'n' if ctx.kind[0] in 'aeEV' else ''} {ctx.kind}",
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
                        expected=expected, got=f"a {model.get('type')} model",
-                       hint="Pass LoRAs in lora_weights." if checkpoint else f"Pick a{'n' if ctx.kind[0] in 'aeEV' else ''} {ctx.kind} model.")
+                       hint="Pass LoRAs in lora_weights." if checkpoint else f"Pick {_a(ctx.kind)} model.")
         versions = [v for v in model.get("modelVersions") or [] if v.get("status", "Published") == "Published"]
         if not versions:
             raise _err(NotFoundError, ctx.input_name, f"{ctx.display} has no published version", expected="a published version", got="none")
@@ -2054,9 +2059,8 @@ def parse_ref(text: str, kind: str, *, input_name: str) -> WeightsRef:
         (not spec.accepts_data and ref.source == "data")
     if refused:
         forms = "Replicate models, .tar files" + ("" if spec.accepts_data else " and data: URLs")
-        article = "an" if kind[0] in "aeEV" else "a"
         raise _err(InvalidReferenceError, input_name, f"{forms} are not {kind}s",
-                   expected=f"a Hugging Face file or repo, a CivitAI model or version, or {article} .safetensors URL"
+                   expected="a Hugging Face file or repo, a CivitAI model or version, or a .safetensors URL"
                    + (" or data: URL" if spec.accepts_data else ""),
                    got=repr(_safe_text(ref.display)))
     return ref

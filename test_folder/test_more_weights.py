@@ -170,7 +170,7 @@ def test_embedding_lines_parse_names_and_references():
     assert items[1].ref.source == "url"
     for text, message in (
         ("neg=owner/model", "embeddings line 1: Replicate models, .tar files are not embeddings"),
-        ("\n\nurn:air:sdxl:lora:civitai:1@2", "embeddings line 3: .*not a embedding"),
+        ("\n\nurn:air:sdxl:lora:civitai:1@2", "embeddings line 3: .*not an embedding"),
         ("\n".join(f"n{i}=hf://o/r{i}/x.safetensors" for i in range(9)), "embeddings line 9: at most 8 embeddings"),
     ):
         with pytest.raises((utils.InputError, weights.InvalidReferenceError), match="^" + message):
