@@ -318,8 +318,10 @@ class Predictor(BasePredictor):
         self.lora_cache = weights.LoraCache.from_env()
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
-        # Created on the first request that uses them; the user VAE last used stays loaded, keyed by its file.
-        self.caches: dict[str, weights.LoraCache] = {}
+        # Embedding and VAE caches (in the LoRA cache's folder unless set apart); the user VAE last used stays
+        # loaded, keyed by its file.
+        self.caches: dict[str, weights.LoraCache] = {kind: weights.CACHE_CLASSES[kind].from_env()
+                                                     for kind in ("embedding", "VAE")}
         self.user_vae: Optional[tuple[str, object]] = None
         self.warm_graphs()
 

@@ -2045,6 +2045,9 @@ CACHE_CLASSES: dict[str, type[LoraCache]] = {c.kind: c for c in (LoraCache, Chec
 
 
 def _default_kind_dir(kind: WeightsKind) -> Path:
+    if kind.name in ("embedding", "VAE"):
+        # Small, per-request files: a folder inside the LoRA cache's (which deployments already place and size).
+        return Path(os.environ.get("LORA_CACHE_DIR") or _default_cache_dir()) / kind.cache_dirs[1]
     if Path("/src/predict.py").exists():  # inside the Cog image
         return Path("/src") / kind.cache_dirs[0]
     return Path.home() / ".cache" / "sdxl-lora-cog" / kind.cache_dirs[1]

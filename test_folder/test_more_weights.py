@@ -333,3 +333,41 @@ def test_vae_refusals_name_the_input(predictor, files):
 ])
 def test_user_vae_upcast_decision(dtype, config_upcast, single, same, upcast):
     assert user_vae.user_vae_needs_upcast(dtype, config_upcast, single, same) is upcast
+
+
+# ------------------------------------------------------------------------------------------------ the Cog server
+def test_the_cog_server_takes_the_three_inputs(cog_server, predictor, files):
+    from cog_server import decode_output
+
+    url = files["url"]
+    pipe = pipe_of(predictor)
+    result = cog_server.predict({**SMALL, "prompt": "1girl, myhat", "more_loras": f"# two more\n{url['a']} 0.5\n\n{url['c']}",
+                                 "embeddings": f"myhat={data_url(word_rows(pipe, 'red hat'))}",
+                                 "vae": url["other_vae"]})
+    assert result["status"] == "succeeded", result.get("error")
+    _, png = decode_output(result["output"][0])
+    from io import BytesIO
+
+    text = Image.open(BytesIO(png)).info.get("parameters", "")
+    assert "TI hashes: " in text and "myhat: " in text and text.count(": ", text.index("Lora hashes")) >= 2
+    assert "VAE hash: " in text
+
+
+SD15_TI = data_url({"emb_params": torch.zeros(1, 768)})
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"more_loras": "hf://o/r\n# c\nhf://o/s 9"}, "more_loras line 3: expected a scale from -1 to 3, got 9"),
+    ({"more_loras": "\n".join(f"hf://o/r{i}" for i in range(7))}, "more_loras line 7: at most 6 LoRAs in more_loras"),
+    ({"embeddings": "\n".join(f"n{i}=hf://o/r{i}/x.safetensors" for i in range(9))},
+     "embeddings line 9: at most 8 embeddings per request"),
+    ({"embeddings": "bad name=hf://o/r/x.safetensors"}, "embeddings line 1: "),
+    ({"embeddings": f"# SD 1.5\nold={SD15_TI}"}, "embeddings line 2: data: URL"),
+    ({"vae": "owner/model"}, "vae: Replicate models, .tar files and data: URLs are not VAEs"),
+])
+def test_the_cog_server_reports_bad_lines_and_limits(cog_server, inputs, message):
+    result = cog_server.predict({**SMALL, **inputs})
+    assert result["status"] == "failed"
+    assert message in result["error"], result["error"]
+    if "SD 1.5" in inputs.get("embeddings", ""):
+        assert "an SD 1.x textual-inversion embedding" in result["error"]
