@@ -46,6 +46,7 @@ MAX_NAME_CHARS = 64
 # A name is one prompt word: no spaces nor A1111 prompt syntax, and not starting like a URL or reference.
 _NAME_RE = re.compile(r"[^\s=:/\\()\[\]{}<>,|\"']{1,64}")
 _LINE_NAME_RE = re.compile(r"\s*([^\s=:/\\()\[\]{}<>,|\"']+)\s*=\s*(\S.*)")
+_TOKEN_NAME_RE = re.compile(r"<[\w.-]{1,62}>")  # a diffusers placeholder token such as <cat-toy>
 VECTOR_CACHE_BYTES = 256 * 1024 * 1024  # loaded vectors kept in memory (by file sha256), least recently used out
 
 
@@ -203,7 +204,7 @@ def load(item: EmbeddingInput, file: weights.LoraFile) -> Embedding:
     token, tables = VECTORS.get(file.sha256, lambda: _load_tables(file, item.input_name))
     if item.name is not None:
         name = item.name
-    elif token is not None and _NAME_RE.fullmatch(token):
+    elif token is not None and (_NAME_RE.fullmatch(token) or _TOKEN_NAME_RE.fullmatch(token)):
         name = token  # diffusers names the embedding by its token, e.g. <cat-toy>
     else:
         name = default_name(file, item.input_name)

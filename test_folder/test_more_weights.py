@@ -371,3 +371,32 @@ def test_the_cog_server_reports_bad_lines_and_limits(cog_server, inputs, message
     assert message in result["error"], result["error"]
     if "SD 1.5" in inputs.get("embeddings", ""):
         assert "an SD 1.x textual-inversion embedding" in result["error"]
+
+
+# ------------------------------------------------------------------------------------------------ folder forms
+def test_diffusers_folder_forms_from_the_hub(predictor, tmp_path, monkeypatch):
+    """The diffusers two-file embedding (named by its token) and a diffusers VAE folder, from a Hugging Face repo."""
+    from fakes import FakeHFHub
+
+    pipe = pipe_of(predictor)
+    rows = word_rows(pipe, "red hat")
+    vae_dir = predictor.weights_dir / utils.VAE_DIR
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with FakeHFHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add_file("acme/ti", "learned_embeds.safetensors", save({"<red-hat>": rows["clip_l"]}))
+        hub.add_file("acme/ti", "learned_embeds_2.safetensors", save({"<red-hat>": rows["clip_g"]}))
+        hub.add_file("acme/ti", "README.md", b"a textual inversion")
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            hub.add_file("acme/vae", f"vae-folder/{name}", (vae_dir / name).read_bytes())
+        hub.add_file("acme/vae", "sdxl_vae.safetensors", b"not this: the folder is asked for")
+        (item,) = embeddings.parse_embeddings("huggingface.co/acme/ti")
+        cache = weights.EmbeddingCache(tmp_path / "emb")
+        emb = embeddings.load(item, cache.fetch(item.ref, weights.Tokens(), input_name=item.input_name))
+        vae_ref = weights.parse_ref("hf://acme/vae/vae-folder", "VAE", input_name="vae")
+        vae_file = weights.VaeCache(tmp_path / "vae").fetch(vae_ref, weights.Tokens(), input_name="vae")
+    assert emb.name == "<red-hat>" and emb.count == rows["clip_l"].shape[0]
+    got = encode(pipe, "1girl, (<red-hat>:1.1)", "", 2, [emb])
+    assert torch.equal(got.prompt_embeds, encode(pipe, "1girl, (red hat:1.1)", "", 2).prompt_embeds)
+    loaded = user_vae.load_vae(vae_file, predictor.weights_dir, torch.device("cpu"), torch.float32, pipe.vae)
+    assert vae_file.path.is_dir() and user_vae._same_weights(loaded, pipe.vae)
