@@ -1557,6 +1557,11 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
     ctx.display = vctx_display
     info = _json(session, f"{base}/api/v1/model-versions/{version_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
                  not_found="No such CivitAI model version; copy the link from the model page.")
+    vtype = str((info.get("model") or {}).get("type") or "").lower()  # the version API names its model's type too
+    if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE"):
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
+                   expected=f"a {'TextualInversion' if ctx.kind == 'embedding' else 'VAE'} model",
+                   got=f"a {(info.get('model') or {}).get('type')} model", hint=f"Pick {_a(ctx.kind)} model.")
     base_model = info.get("baseModel")
     if not _is_sdxl_family(base_model):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} was trained for another base model",

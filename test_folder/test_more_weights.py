@@ -400,3 +400,27 @@ def test_diffusers_folder_forms_from_the_hub(predictor, tmp_path, monkeypatch):
     assert torch.equal(got.prompt_embeds, encode(pipe, "1girl, (red hat:1.1)", "", 2).prompt_embeds)
     loaded = user_vae.load_vae(vae_file, predictor.weights_dir, torch.device("cpu"), torch.float32, pipe.vae)
     assert vae_file.path.is_dir() and user_vae._same_weights(loaded, pipe.vae)
+
+
+def test_civitai_embeddings_take_the_primary_files_name_and_must_be_textual_inversions(predictor, tmp_path,
+                                                                                         monkeypatch):
+    from fakes import FakeCivitai
+
+    pipe = pipe_of(predictor)
+    with FakeCivitai() as civitai:
+        monkeypatch.setenv("CIVITAI_API_BASE", civitai.url)
+        civitai.add_version(118418, 134583, save(word_rows(pipe, "lowres")), base_model="SDXL 1.0",
+                            file_name="negativeXL_D.safetensors", model_type="TextualInversion")
+        civitai.add_version(7, 70, save(word_rows(pipe, "lowres")), model_type="LORA")
+        civitai.add_version(8, 80, save(word_rows(pipe, "lowres")), base_model="SD 1.5",
+                            model_type="TextualInversion")
+        cache = weights.EmbeddingCache(tmp_path / "emb")
+        items = embeddings.parse_embeddings("civitai.com/models/118418\n\ncivitai.com/models/7\n"
+                                            "https://civitai.com/models/8?modelVersionId=80")
+        first = embeddings.load(items[0], cache.fetch(items[0].ref, weights.Tokens(), input_name=items[0].input_name))
+        assert first.name == "negativeXL_D"
+        with pytest.raises(weights.IncompatibleError, match=r"^embeddings line 3: civitai model 7 is not an embedding "
+                           r"\(expected a TextualInversion \(embedding\) model; got a LORA model\)"):
+            cache.fetch(items[1].ref, weights.Tokens(), input_name=items[1].input_name)
+        with pytest.raises(weights.IncompatibleError, match=r"^embeddings line 4: .*another base model.*'SD 1.5'"):
+            cache.fetch(items[2].ref, weights.Tokens(), input_name=items[2].input_name)
