@@ -815,8 +815,8 @@ def _check_embedding_keys(header: dict, ctx: _Context) -> None:
                    hint="Pick the SDXL/Illustrious/Pony version of this embedding.")
 
 
-# Prefixes a VAE's keys carry inside other files (A1111/SGM checkpoints, some exports).
-_VAE_PREFIXES = ("first_stage_model.", "vae.")
+# The prefix a VAE's keys carry when cut out of an A1111/SGM checkpoint (diffusers' single-file loader strips it).
+_VAE_PREFIXES = ("first_stage_model.",)
 SDXL_LATENT_CHANNELS = 4
 
 

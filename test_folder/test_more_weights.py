@@ -424,3 +424,13 @@ def test_civitai_embeddings_take_the_primary_files_name_and_must_be_textual_inve
             cache.fetch(items[1].ref, weights.Tokens(), input_name=items[1].input_name)
         with pytest.raises(weights.IncompatibleError, match=r"^embeddings line 4: .*another base model.*'SD 1.5'"):
             cache.fetch(items[2].ref, weights.Tokens(), input_name=items[2].input_name)
+
+
+def test_the_loras_of_a_request_stay_within_the_total_size_limit(monkeypatch):
+    monkeypatch.setattr(predict, "MAX_LORA_TOTAL_BYTES", 3 * weights.MiB)
+    request = predict.check_inputs(**{**CHECK, "more_loras": "hf://o/a\nhf://o/b"})
+    fetched = [weights.LoraFile(x.ref, None, "0" * 64, 2 * weights.MiB) for x in request.loras]
+    predict.check_lora_total(request, fetched[:1])
+    with pytest.raises(utils.InputError, match=r"^more_loras: the LoRAs of one request may total at most 3 MiB "
+                       r"\(LORA_MAX_TOTAL_BYTES\), got 4 MiB from 2 LoRAs"):
+        predict.check_lora_total(request, fetched)
