@@ -277,7 +277,7 @@ def _tokenizers_with(pipe: Any, counts: tuple[int, ...]) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def applied(pipe: Any, loaded: Sequence[Embedding]) -> Iterator[Callable[[str, str], str]]:
+def applied(pipe: Any, loaded: Sequence[Embedding], *, warn_unused: bool = True) -> Iterator[Callable[[str, str], str]]:
     """Within the block the pipeline's tokenizers and text encoders know the embeddings; yields `expand(text,
     input_name)`, which writes each embedding's tokens where its name stands. Afterwards the tokenizers and both
     token-embedding Parameters are the very objects they were before (also when the block raises)."""
@@ -308,7 +308,7 @@ def applied(pipe: Any, loaded: Sequence[Embedding]) -> Iterator[Callable[[str, s
             table.num_embeddings = table.weight.shape[0]
         pipe.tokenizer, pipe.tokenizer_2 = tok1, tok2
         yield expand
-        unused = [emb for emb in loaded if emb.name not in used]
+        unused = [emb for emb in loaded if emb.name not in used] if warn_unused else []
         for emb in unused:
             # Negative embeddings are often listed once and used sometimes: a warning, not an error.
             logger.warning("%s: the embedding %r appears in neither prompt nor negative_prompt", emb.input_name,

@@ -624,7 +624,13 @@ class Predictor(BasePredictor):
         loaded = [embeddings.load(item, cache.fetch(item.ref, tokens, input_name=item.input_name))
                   for item in request.embeddings]
         embeddings.check_names(loaded)
-        embeddings.check_fits(self.models.models[request.spec.key].txt2img, loaded)
+        pipe = self.models.models[request.spec.key].txt2img
+        embeddings.check_fits(pipe, loaded)
+        # n-vector embeddings lengthen the prompts: they must still fit (prompts.MAX_CHUNKS) before any GPU work.
+        with embeddings.applied(pipe, loaded, warn_unused=False) as expand:
+            for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+                for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+                    prompts.token_spans(tokenizer, expand(text, name), input_name=name)
         logger.info("fetched %d embeddings in %.2fs", len(loaded), time.perf_counter() - phase)
         return loaded
 

@@ -2014,12 +2014,6 @@ class LoraCache:
                     self._remove_folder(entry.folder)
 
 
-def _default_checkpoint_dir() -> Path:
-    if Path("/src/predict.py").exists():  # inside the Cog image
-        return Path("/src/checkpoint-cache")
-    return Path.home() / ".cache" / "sdxl-lora-cog" / "checkpoints"
-
-
 class CheckpointCache(LoraCache):
     """The same verified, pinned, byte-capped LRU cache for full SDXL checkpoints (single .safetensors files), in
     its own folder with its own cap, and a size window: a file below `min_file_bytes` is not a checkpoint.  The

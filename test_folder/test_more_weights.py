@@ -290,8 +290,10 @@ def test_embedding_errors_name_the_line_and_nothing_stays_applied(predictor, fil
             image(predictor, embeddings=spec)
         assert pipe.tokenizer is tokenizer
     caplog.set_level(logging.WARNING, logger="embeddings")
+    hits = embeddings.VECTORS.hits
     unused, _ = image(predictor, embeddings=url["redTI"])  # redTI never appears: a warning, the same image
     assert np.array_equal(control, unused)
+    assert embeddings.VECTORS.hits == hits + 1  # its vectors came from memory, not from the file again
     assert any("embeddings line 1: the embedding 'redTI' appears in neither prompt" in r.getMessage()
                for r in caplog.records)
 
@@ -434,3 +436,11 @@ def test_the_loras_of_a_request_stay_within_the_total_size_limit(monkeypatch):
     with pytest.raises(utils.InputError, match=r"^more_loras: the LoRAs of one request may total at most 3 MiB "
                        r"\(LORA_MAX_TOTAL_BYTES\), got 4 MiB from 2 LoRAs"):
         predict.check_lora_total(request, fetched)
+
+
+def test_a_prompt_made_too_long_by_embeddings_fails_before_any_merge(predictor, files, caplog):
+    wide = data_url({"clip_l": torch.zeros(75, 32), "clip_g": torch.zeros(75, 64)})  # 75 vectors: one chunk each
+    caplog.set_level(logging.INFO, logger="predict")
+    with pytest.raises(prompts.PromptError, match=r"^prompt: too long: more than 16 chunks"):
+        image(predictor, prompt=", ".join(["big"] * 17), embeddings=f"big={wide}", lora_weights=files["url"]["a"])
+    assert not [r for r in caplog.records if r.getMessage().startswith(("applied ", "encoded prompts"))]
