@@ -872,13 +872,15 @@ class WeightsKind:
 
     name: str  # in messages: "a .safetensors {name}"
     civitai_types: frozenset[str]  # CivitAI model `type`, lower-case
+    civitai_label: str  # what a CivitAI model of this kind is called, for messages
     air_types: frozenset[str]  # the type part of an AIR (urn:air:sdxl:<type>:civitai:...)
     max_env: str  # the per-file size cap's environment variable ...
     max_bytes: int  # ... and its default
     min_env: str | None  # the per-file floor (a file below it is not of this kind)
     min_bytes: int
     cache_env: str  # the cache folder's environment variable
-    cache_dirs: tuple[str, str]  # default folder: inside the Cog image (/src/<first>), else ~/.cache/sdxl-lora-cog/<second>
+    cache_dirs: tuple[str, str]  # default folder: /src/<first> in the Cog image, else ~/.cache/sdxl-lora-cog/<second>
+    # (embeddings and VAEs: <LoRA cache folder>/<second>, see _default_kind_dir)
     cache_bytes_env: str  # the cache's byte cap
     cache_bytes: int
     check_keys: Callable[[dict, _Context], None]  # refuses a file of another kind or base model, before caching
@@ -893,17 +895,17 @@ def _no_key_check(header: dict, ctx: _Context) -> None:
 
 
 KINDS: dict[str, WeightsKind] = {k.name: k for k in (
-    WeightsKind("LoRA", CIVITAI_LORA_TYPES, frozenset({"lora", "lycoris", "locon", "dora"}), "LORA_MAX_BYTES",
+    WeightsKind("LoRA", CIVITAI_LORA_TYPES, "a LoRA/LyCORIS model", frozenset({"lora", "lycoris", "locon", "dora"}), "LORA_MAX_BYTES",
                 2 * GiB, None, 0, "LORA_CACHE_DIR", ("lora-cache", "loras"), "LORA_CACHE_MAX_BYTES", 20 * GiB,
                 _check_lora_keys, too_large_hint="A file this large is most likely a full checkpoint, not a LoRA."),
-    WeightsKind("checkpoint", CIVITAI_CHECKPOINT_TYPES, frozenset({"checkpoint"}), "CHECKPOINT_MAX_BYTES", 16 * GiB,
+    WeightsKind("checkpoint", CIVITAI_CHECKPOINT_TYPES, "a Checkpoint model", frozenset({"checkpoint"}), "CHECKPOINT_MAX_BYTES", 16 * GiB,
                 "CHECKPOINT_MIN_BYTES", 2 * GiB, "CHECKPOINT_CACHE_DIR", ("checkpoint-cache", "checkpoints"),
                 "CHECKPOINT_CACHE_MAX_BYTES", 40 * GiB, _no_key_check, accepts_tar=False, accepts_data=False),
-    WeightsKind("embedding", CIVITAI_EMBEDDING_TYPES, frozenset({"embedding", "embeddings", "textualinversion", "ti"}),
+    WeightsKind("embedding", CIVITAI_EMBEDDING_TYPES, "a TextualInversion (embedding) model", frozenset({"embedding", "embeddings", "textualinversion", "ti"}),
                 "EMBEDDING_MAX_BYTES", 8 * MiB, None, 0, "EMBEDDING_CACHE_DIR", ("embedding-cache", "embeddings"),
                 "EMBEDDING_CACHE_MAX_BYTES", 1 * GiB, _check_embedding_keys, hf_folder=_hf_embedding_folder,
                 accepts_tar=False, too_large_hint="An SDXL embedding is a few KB to a few hundred KB."),
-    WeightsKind("VAE", CIVITAI_VAE_TYPES, frozenset({"vae"}), "VAE_MAX_BYTES", 1 * GiB, None, 0, "VAE_CACHE_DIR",
+    WeightsKind("VAE", CIVITAI_VAE_TYPES, "a VAE model", frozenset({"vae"}), "VAE_MAX_BYTES", 1 * GiB, None, 0, "VAE_CACHE_DIR",
                 ("vae-cache", "vaes"), "VAE_CACHE_MAX_BYTES", 4 * GiB, _check_vae_keys, hf_folder=_hf_vae_folder,
                 accepts_tar=False, accepts_data=False, too_large_hint="An SDXL VAE is about 160 MB (fp16) or 320 MB."),
 )}
@@ -1543,10 +1545,8 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
         mtype = str(model.get("type", "")).lower()
         checkpoint = ctx.kind == "checkpoint"
         if mtype and mtype not in KINDS[ctx.kind].civitai_types:
-            expected = {"checkpoint": "a Checkpoint model", "LoRA": "a LoRA/LyCORIS model",
-                        "embedding": "a TextualInversion (embedding) model", "VAE": "a VAE model"}[ctx.kind]
             raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
-                       expected=expected, got=f"a {model.get('type')} model",
+                       expected=KINDS[ctx.kind].civitai_label, got=f"a {model.get('type')} model",
                        hint="Pass LoRAs in lora_weights." if checkpoint else f"Pick {_a(ctx.kind)} model.")
         versions = [v for v in model.get("modelVersions") or [] if v.get("status", "Published") == "Published"]
         if not versions:
@@ -1560,7 +1560,7 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
     vtype = str((info.get("model") or {}).get("type") or "").lower()  # the version API names its model's type too
     if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE"):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
-                   expected=f"a {'TextualInversion' if ctx.kind == 'embedding' else 'VAE'} model",
+                   expected=KINDS[ctx.kind].civitai_label,
                    got=f"a {(info.get('model') or {}).get('type')} model", hint=f"Pick {_a(ctx.kind)} model.")
     base_model = info.get("baseModel")
     if not _is_sdxl_family(base_model):
