@@ -21,10 +21,12 @@ from typing import Optional
 import torch
 from cog import BasePredictor, Input, Path, Secret
 
+import embeddings
 import lora
 import prompts
 import stepcache
 import utils
+import vae
 import weights
 
 logger = logging.getLogger("predict")
@@ -52,11 +54,14 @@ SCHEDULER_CHOICES = [
 MAX_SEED = 2**32 - 1
 # A1111 UI syntax for LoRAs inside the prompt: we cannot resolve names, and ignoring them would be silent.
 LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+MAX_MORE_LORAS = 6  # more_loras lines
+MAX_LORAS = 8  # LoRAs of one request, lora_weights and extra_lora included
+MAX_LORA_TOTAL_BYTES = weights._env_int("LORA_MAX_TOTAL_BYTES", 6 * weights.GiB)  # all LoRA files of one request
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraInput:
-    input_name: str  # lora_weights | extra_lora
+    input_name: str  # lora_weights | extra_lora | "more_loras line <n>"
     ref: weights.WeightsRef
     scale: float
 
@@ -93,6 +98,8 @@ class Request:
     safety_checker: bool
     checkpoint: Optional[weights.WeightsRef] = None  # a custom checkpoint instead of the baked models
     go_fast: bool = False  # step caching (stepcache.py): faster, changes the image
+    embeddings: tuple[embeddings.EmbeddingInput, ...] = ()  # textual inversions, one per `embeddings` line
+    vae: Optional[weights.WeightsRef] = None  # a user VAE instead of the model's own
 
 
 def check_inputs(
@@ -128,6 +135,9 @@ def check_inputs(
     use_standard_sdxl: bool,
     checkpoint: Optional[str] = None,
     go_fast: bool = False,
+    more_loras: Optional[str] = None,
+    embeddings_text: Optional[str] = None,
+    vae_ref: Optional[str] = None,
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -160,7 +170,11 @@ def check_inputs(
         tag = LORA_TAG.search(text)
         expect(tag is None, f"{name}: A1111 LoRA tags like {tag.group(0) if tag else ''} are not read from the "
                "prompt; pass the LoRA in lora_weights / extra_lora instead")
-    loras = parse_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale)
+    loras = parse_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale) + parse_more_loras(more_loras)
+    expect(len(loras) <= MAX_LORAS, f"more_loras: at most {MAX_LORAS} LoRAs per request (lora_weights, extra_lora "
+           f"and up to {MAX_MORE_LORAS} more_loras lines), got {len(loras)}")
+    embedding_items = embeddings.parse_embeddings(embeddings_text)
+    user_vae = weights.parse_ref(vae_ref.strip(), "VAE", input_name="vae") if vae_ref and vae_ref.strip() else None
     expect(1.0 <= hires_scale <= 2.0, f"hires_scale: expected 1 (off) to 2, got {hires_scale}")
     expect(hires_upscaler in HIRES_UPSCALER_CHOICES,
            f"hires_upscaler: expected one of {HIRES_UPSCALER_CHOICES}, got {hires_upscaler!r}")
@@ -230,6 +244,8 @@ def check_inputs(
         safety_checker=not disable_safety_checker,
         checkpoint=checkpoint_ref,
         go_fast=bool(go_fast),
+        embeddings=embedding_items,
+        vae=user_vae,
     )
 
 
@@ -246,6 +262,41 @@ def parse_loras(
             raise utils.InputError(f"{scale_name}: expected -1 to 3, got {scale}")
         loras.append(LoraInput(name, weights.parse_lora_ref(text.strip(), input_name=name), float(scale)))
     return tuple(loras)
+
+
+def parse_more_loras(text: Optional[str]) -> tuple[LoraInput, ...]:
+    """`more_loras`: one `reference [scale]` per line (scale -1 to 3, default 1); `#` comments and blank lines
+    are skipped. Errors name the line."""
+    loras = []
+    for number, line in embeddings.input_lines(text):
+        name = f"more_loras line {number}"
+        parts = line.split()
+        if len(parts) > 2:
+            raise utils.InputError(f"{name}: expected a reference and optionally a scale, got {len(parts)} words "
+                                   f"({line[:80]!r})")
+        scale = 1.0
+        if len(parts) == 2:
+            try:
+                scale = float(parts[1])
+            except ValueError:
+                raise utils.InputError(f"{name}: expected a scale (a number from -1 to 3) after the reference, got "
+                                       f"{parts[1][:40]!r}") from None
+            if not -1.0 <= scale <= 3.0:  # also refuses nan
+                raise utils.InputError(f"{name}: expected a scale from -1 to 3, got {parts[1][:40]}")
+        loras.append(LoraInput(name, weights.parse_lora_ref(parts[0], input_name=name), scale))
+        if len(loras) > MAX_MORE_LORAS:
+            raise utils.InputError(f"{name}: at most {MAX_MORE_LORAS} LoRAs in more_loras ({MAX_LORAS} per request "
+                                   "with lora_weights and extra_lora), got more")
+    return tuple(loras)
+
+
+def check_lora_total(request: Request, fetched: list[weights.LoraFile]) -> None:
+    """All LoRA files of a request together stay within MAX_LORA_TOTAL_BYTES (checked before merging)."""
+    total = sum(file.size for file in fetched)
+    if total > MAX_LORA_TOTAL_BYTES:
+        raise utils.InputError(f"more_loras: the LoRAs of one request may total at most "
+                               f"{MAX_LORA_TOTAL_BYTES / weights.MiB:.0f} MiB (LORA_MAX_TOTAL_BYTES), got "
+                               f"{total / weights.MiB:.0f} MiB from {len(fetched)} LoRAs")
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -267,6 +318,11 @@ class Predictor(BasePredictor):
         self.lora_cache = weights.LoraCache.from_env()
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
+        # Embedding and VAE caches (in the LoRA cache's folder unless set apart); the user VAE last used stays
+        # loaded, keyed by its file.
+        self.caches: dict[str, weights.LoraCache] = {kind: weights.CACHE_CLASSES[kind].from_env()
+                                                     for kind in ("embedding", "VAE")}
+        self.user_vae: Optional[tuple[str, object]] = None
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -410,6 +466,23 @@ class Predictor(BasePredictor):
             description="A second LoRA, in any of the forms of lora_weights.", default=None
         ),
         extra_lora_scale: float = Input(description="Strength of extra_lora.", default=1.0, ge=-1.0, le=3.0),
+        more_loras: Optional[str] = Input(
+            description="Up to 6 more LoRAs, one per line: a reference in any form of lora_weights, then optionally "
+            "a space and a scale (-1 to 3, default 1). Blank lines and lines starting with # are skipped.",
+            default=None,
+        ),
+        embeddings: Optional[str] = Input(
+            description="Up to 8 SDXL textual-inversion embeddings, one per line: [name=]reference (any form of "
+            "lora_weights but Replicate models; CivitAI type TextualInversion). Write the name in prompt or "
+            "negative_prompt to use it; without name= it is the file's name without extension (A1111's rule).",
+            default=None,
+        ),
+        vae: Optional[str] = Input(
+            description="An SDXL VAE to use instead of the model's own: a single .safetensors file (A1111 layout) "
+            "or a diffusers VAE folder, in the forms of lora_weights (huggingface.co/..., hf://, civitai.com/models/"
+            "<id> of type VAE, a URL). Downloaded once, then cached.",
+            default=None,
+        ),
         hf_api_token: Optional[Secret] = Input(
             description="Hugging Face token for gated or private LoRAs.", default=None
         ),
@@ -466,6 +539,9 @@ class Predictor(BasePredictor):
             use_standard_sdxl=use_standard_sdxl,
             checkpoint=checkpoint,
             go_fast=go_fast,
+            more_loras=more_loras,
+            embeddings_text=embeddings,
+            vae_ref=vae,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
@@ -477,7 +553,7 @@ class Predictor(BasePredictor):
         fetched: list[weights.LoraFile] = []
         # The files stay pinned in their caches until the prediction ends, also when it is cancelled (the pins are
         # released by the caches, not from `fetched`, which a cancellation can reach before the file is kept).
-        with self.lora_cache.pinning(), self.checkpoint_pinning(request):
+        with self.lora_cache.pinning(), self.checkpoint_pinning(request), self.extra_pinning(request):
             if request.checkpoint is not None:
                 custom = self.fetch_checkpoint(request.checkpoint, tokens)
                 request = dataclasses.replace(request, spec=self.use_checkpoint(custom))
@@ -493,10 +569,14 @@ class Predictor(BasePredictor):
                             time.perf_counter() - phase, hits, misses)
                 self.record_metric("lora_cache_hits", hits)
                 self.record_metric("lora_cache_misses", misses)
+            check_lora_total(request, fetched)
+            loaded = self.fetch_embeddings(request, tokens)
+            user_vae = self.fetch_vae(request, tokens)
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
-            images = self.generate(request, seed)
-        parameters = self.parameters(request, seed, fetched) if request.embed_metadata else None
+            images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None)
+        parameters = self.parameters(request, seed, fetched, loaded, user_vae[0] if user_vae else None) \
+            if request.embed_metadata else None
 
         if request.safety_checker:
             phase = time.perf_counter()
@@ -520,6 +600,55 @@ class Predictor(BasePredictor):
         self.record_metric("total_inference_steps", request.steps * request.num_outputs)
         logger.info("prediction done in %.2fs", time.perf_counter() - started)
         return [Path(p) for p in paths]
+
+    def cache(self, kind: str) -> weights.LoraCache:
+        """The cache for files of `kind` (a weights.KINDS key), created on first use."""
+        if kind not in self.caches:
+            self.caches[kind] = weights.CACHE_CLASSES[kind].from_env()
+        return self.caches[kind]
+
+    def extra_pinning(self, request: Request) -> contextlib.AbstractContextManager:
+        """The pinning() scopes of the embedding and VAE caches, for the kinds the request uses."""
+        stack = contextlib.ExitStack()
+        for kind, used in (("embedding", request.embeddings), ("VAE", request.vae)):
+            if used:
+                stack.enter_context(self.cache(kind).pinning())
+        return stack
+
+    def fetch_embeddings(self, request: Request, tokens: weights.Tokens) -> list[embeddings.Embedding]:
+        """Fetch and load every `embeddings` line, then check names and widths: all before any GPU work."""
+        if not request.embeddings:
+            return []
+        phase = time.perf_counter()
+        cache = self.cache("embedding")
+        loaded = [embeddings.load(item, cache.fetch(item.ref, tokens, input_name=item.input_name))
+                  for item in request.embeddings]
+        embeddings.check_names(loaded)
+        pipe = self.models.models[request.spec.key].txt2img
+        embeddings.check_fits(pipe, loaded)
+        # n-vector embeddings lengthen the prompts: they must still fit (prompts.MAX_CHUNKS) before any GPU work.
+        with embeddings.applied(pipe, loaded, warn_unused=False) as expand:
+            for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+                for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+                    prompts.token_spans(tokenizer, expand(text, name), input_name=name)
+        logger.info("fetched %d embeddings in %.2fs", len(loaded), time.perf_counter() - phase)
+        return loaded
+
+    def fetch_vae(self, request: Request, tokens: weights.Tokens) -> Optional[tuple[weights.LoraFile, object]]:
+        """(the fetched `vae` file, its loaded AutoencoderKL); the last one used stays loaded."""
+        if request.vae is None:
+            return None
+        phase = time.perf_counter()
+        file = self.cache("VAE").fetch(request.vae, tokens, input_name="vae")
+        key = f"{file.ref.canonical_id}:{file.sha256}"
+        if self.user_vae is None or self.user_vae[0] != key:
+            self.user_vae = None  # the previous one goes before the next is loaded
+            baked = self.models.models[next(iter(utils.MODEL_SPECS))].txt2img.vae
+            loaded = vae.load_vae(file, self.weights_dir, self.models.device, self.models.dtype, baked)
+            self.user_vae = (key, loaded)
+            logger.info("loaded vae %s in %.2fs (force_upcast=%s)", file.ref.display, time.perf_counter() - phase,
+                        loaded.config.force_upcast)
+        return file, self.user_vae[1]
 
     def checkpoint_pinning(self, request: Request) -> contextlib.AbstractContextManager:
         """The checkpoint cache's pinning() scope (creating the cache) when the request names a checkpoint."""
@@ -608,9 +737,11 @@ class Predictor(BasePredictor):
         utils.make_scheduler(request.scheduler, model.scheduler_config)
 
     @staticmethod
-    def parameters(request: Request, seed: int, fetched: list[weights.LoraFile]) -> list[str]:
+    def parameters(request: Request, seed: int, fetched: list[weights.LoraFile],
+                   loaded: Optional[list] = None, vae_file: Optional[weights.LoraFile] = None) -> list[str]:
         """Each image's A1111 infotext (its own seed); built from token-free values only."""
         hashes = utils.lora_hashes([(file.ref.display, file.sha256) for file in fetched])
+        ti_hashes = utils.lora_hashes([(emb.name, emb.sha256) for emb in loaded or []])
         texts = []
         for i in range(request.num_outputs):
             settings = {
@@ -628,6 +759,9 @@ class Predictor(BasePredictor):
                 "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[request.hires_upscaler]
                 if request.hires_size else None,
                 "Lora hashes": hashes or None,
+                "TI hashes": ti_hashes or None,
+                "VAE hash": vae_file.sha256[:10] if vae_file else None,
+                "VAE": vae_file.ref.display if vae_file else None,
                 "Step cache interval": stepcache.DEFAULT_INTERVAL if request.go_fast else None,
                 "Version": "sdxl-lora-cog",
             }
@@ -661,7 +795,8 @@ class Predictor(BasePredictor):
         for key, merger in self.mergers.items():
             if key != request.spec.key and mine & self._lora_modules(key):
                 merger.reset()
-        report = self.mergers[request.spec.key].apply(list(by_key.values()))
+        # In a fixed order (by file), so that the order of LoRAs across the three inputs cannot change the sums.
+        report = self.mergers[request.spec.key].apply(sorted(by_key.values(), key=lambda r: r.key))
         if report.changed:
             logger.info("applied %d LoRAs to %s (%d layers written) in %.3fs", len(by_key), request.spec.key,
                         report.layers_written, report.seconds)
@@ -670,22 +805,24 @@ class Predictor(BasePredictor):
         pipe = self.models.models[key].txt2img
         return {id(getattr(pipe, name)) for name in ("unet", "text_encoder", "text_encoder_2")}
 
-    def generate(self, request: Request, seed: int) -> list:
+    def generate(self, request: Request, seed: int, loaded: Optional[list] = None, user_vae=None) -> list:
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
         pipe = model.pipeline(request.mode, fast=request.go_fast)
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
-        # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to.
-        embeds = prompts.encode_prompts(
-            model.txt2img,
-            merger.expand_prompt(request.prompt),
-            merger.expand_prompt(request.negative_prompt),
-            clip_skip=request.clip_skip,
-            zero_empty_negative=request.zero_negative,
-            num_images_per_prompt=request.num_outputs,
-        )
+        # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to. Embedding
+        # tokens exist only while encoding (embeddings.applied restores tokenizers and tables exactly).
+        with embeddings.applied(model.txt2img, loaded or []) as expand:
+            embeds = prompts.encode_prompts(
+                model.txt2img,
+                merger.expand_prompt(expand(request.prompt, "prompt")),
+                merger.expand_prompt(expand(request.negative_prompt, "negative_prompt")),
+                clip_skip=request.clip_skip,
+                zero_empty_negative=request.zero_negative,
+                num_images_per_prompt=request.num_outputs,
+            )
         logger.info("encoded prompts (%d chunks) in %.3fs", embeds.chunks, time.perf_counter() - phase)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_outputs)]
         kwargs = dict(
@@ -701,10 +838,11 @@ class Predictor(BasePredictor):
             kwargs.update(image=request.init_image, strength=request.strength)
         if request.mode == "inpaint":
             kwargs.update(mask_image=request.mask_image)
-        if request.hires_size is None:
-            images = pipe(**kwargs).images
-        else:
-            images = self.hires_fix(request, model, pipe, kwargs)
+        with vae.swapped(model, user_vae):
+            if request.hires_size is None:
+                images = pipe(**kwargs).images
+            else:
+                images = self.hires_fix(request, model, pipe, kwargs)
         width, height = request.hires_size or (request.width, request.height)
         logger.info(
             "generated %d %dx%d images (%s, %s, %d steps) in %.2fs",

@@ -101,6 +101,8 @@ SDXL_FAMILY = frozenset({
 })
 CIVITAI_LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})
 CIVITAI_CHECKPOINT_TYPES = frozenset({"checkpoint"})
+CIVITAI_EMBEDDING_TYPES = frozenset({"textualinversion"})
+CIVITAI_VAE_TYPES = frozenset({"vae"})
 # CivitAI version names / baseModelType values that mark a v-prediction checkpoint (NoobAI-XL V-Pred, ...).
 _VPRED_MARK = re.compile(r"v[-_ ]?pred", re.IGNORECASE)
 CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com", "civitai.red", "civitai.green"})
@@ -374,10 +376,15 @@ def _query_value(query: str | None, name: str) -> str | None:
     return None
 
 
-def _air_ref(m: re.Match) -> WeightsRef:
+def _a(kind: str) -> str:
+    """The kind with its article, for messages: "a LoRA", "an embedding", "a VAE"."""
+    return f"{'an' if kind == 'embedding' else 'a'} {kind}"
+
+
+def _air_ref(m: re.Match, types: frozenset[str] | set[str] = _AIR_TYPES, kind: str = "LoRA") -> WeightsRef:
     eco, typ = m["eco"].lower(), m["type"].lower()
-    if typ not in _AIR_TYPES:
-        raise InvalidReferenceError(f"the AIR names a {typ!r}, not a LoRA")
+    if typ not in types:
+        raise InvalidReferenceError(f"the AIR names a {typ!r}, not {_a(kind)}")
     if eco not in _AIR_ECOSYSTEMS:
         raise InvalidReferenceError(f"the AIR is for the {eco!r} ecosystem, not SDXL/Illustrious/Pony")
     return _civitai_ref(m["id"], m["v"])
@@ -498,8 +505,9 @@ def _rebase(text: str) -> str:
     return text
 
 
-def parse_lora_ref(text: str, *, input_name: str = "lora_weights") -> WeightsRef:
-    """Parse what the user pasted into a `WeightsRef` (no network).  Raises InvalidReferenceError."""
+def parse_lora_ref(text: str, *, input_name: str = "lora_weights", kind: str = "LoRA") -> WeightsRef:
+    """Parse what the user pasted into a `WeightsRef` (no network).  Raises InvalidReferenceError.  `kind` (a KINDS
+    key) decides which AIR types are accepted."""
     if not isinstance(text, str) or not text.strip():
         raise _err(InvalidReferenceError, input_name, "empty reference", expected="one of " + ", ".join(REFERENCE_FORMS), got="nothing")
     raw = text.strip()
@@ -513,7 +521,7 @@ def parse_lora_ref(text: str, *, input_name: str = "lora_weights") -> WeightsRef
         m = rx.fullmatch(norm)
         if m:
             try:
-                return build(m)
+                return _air_ref(m, KINDS[kind].air_types, kind) if _name == "civitai-air" else build(m)
             except InvalidReferenceError as err:
                 raise _err(InvalidReferenceError, input_name, str(err), expected="one of " + ", ".join(REFERENCE_FORMS), got=repr(_safe_text(raw))) from err
     parts = urlsplit(norm)
@@ -524,7 +532,7 @@ def parse_lora_ref(text: str, *, input_name: str = "lora_weights") -> WeightsRef
         hint = "Only http(s), hf:// and data: URLs are accepted."
     elif re.fullmatch(rf"{_NAME}/{_NAME}/.+", raw):
         hint = "For a file in a Hugging Face repo write hf://owner/repo/path or huggingface.co/owner/repo/blob/main/path."
-    raise _err(InvalidReferenceError, input_name, "not a LoRA reference we understand", expected="one of " + ", ".join(REFERENCE_FORMS), got=repr(_safe_text(raw)), hint=hint)
+    raise _err(InvalidReferenceError, input_name, f"not a {kind} reference we understand", expected="one of " + ", ".join(REFERENCE_FORMS), got=repr(_safe_text(raw)), hint=hint)
 
 
 def _safe_text(text: str) -> str:
@@ -583,6 +591,7 @@ class LoraFile:
     embeddings_path: Path | None = None
     special_params: dict = field(default_factory=dict)
     v_prediction: bool = False  # the source's metadata marks a v-prediction checkpoint
+    file_name: str | None = None  # the file's name at the source, e.g. "negativeXL_D.safetensors"
 
 
 @dataclass
@@ -594,7 +603,7 @@ class _Context:
     tokens: Tokens
     max_bytes: int
     secrets: tuple[str, ...] = ()
-    kind: str = "LoRA"  # "LoRA" | "checkpoint": what the file must be (messages, CivitAI types, size window)
+    kind: str = "LoRA"  # a KINDS key: what the file must be (messages, CivitAI types, size window, keys)
     min_bytes: int = 0
 
 
@@ -610,6 +619,7 @@ class _Staged:
     has_embeddings: bool = False
     special_params: dict = field(default_factory=dict)
     v_prediction: bool = False  # CivitAI metadata says v-prediction (checkpoints)
+    file_name: str | None = None  # the file's name at the source (an embedding's default name)
 
 
 # ------------------------------------------------------------------------------------------ verification
@@ -704,7 +714,7 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
         raise _too_large(ctx, size)
     if size < ctx.min_bytes:
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is too small for a full SDXL {ctx.kind}",
-                   expected=f"at least {ctx.min_bytes / MiB:.0f} MiB (CHECKPOINT_MIN_BYTES)", got=f"{size / MiB:.1f} MiB",
+                   expected=f"at least {ctx.min_bytes / MiB:.0f} MiB ({KINDS[ctx.kind].min_env})", got=f"{size / MiB:.1f} MiB",
                    hint="A file this small is most likely a LoRA: pass it in lora_weights instead.")
     if expected_sha256:
         got = _sha256_file(path)
@@ -721,18 +731,21 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
         header = check_safetensors(path)
     except ValueError as err:
         raise _not_safetensors(ctx, str(err), auth_hint) from err
-    if ctx.kind == "LoRA":
-        # Refused here rather than when merging, so a file no SDXL model can use is never cached.
-        from lora import detect_foreign_base
-
-        foreign = detect_foreign_base(k for k in header if k != "__metadata__")
-        if foreign:
-            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL LoRA",
-                       expected="an SDXL-family LoRA (SDXL, Illustrious, NoobAI, Pony)",
-                       got=f"{foreign[0]}, e.g. key {foreign[1][:80]!r}",
-                       hint="A full SDXL checkpoint goes in the checkpoint input." if "checkpoint" in foreign[0]
-                       else "Pick the SDXL/Illustrious version of this LoRA.")
+    # Refused here rather than when used, so a file no SDXL model can use is never cached.
+    KINDS[ctx.kind].check_keys(header, ctx)
     return expected_sha256.lower() if expected_sha256 else _sha256_file(path)
+
+
+def _check_lora_keys(header: dict, ctx: _Context) -> None:
+    from lora import detect_foreign_base
+
+    foreign = detect_foreign_base(k for k in header if k != "__metadata__")
+    if foreign:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL LoRA",
+                   expected="an SDXL-family LoRA (SDXL, Illustrious, NoobAI, Pony)",
+                   got=f"{foreign[0]}, e.g. key {foreign[1][:80]!r}",
+                   hint="A full SDXL checkpoint goes in the checkpoint input." if "checkpoint" in foreign[0]
+                   else "Pick the SDXL/Illustrious version of this LoRA.")
 
 
 def _not_safetensors(ctx: _Context, what: str, auth_hint: str) -> WeightsError:
@@ -746,12 +759,156 @@ def _not_safetensors(ctx: _Context, what: str, auth_hint: str) -> WeightsError:
 
 
 def _too_large(ctx: _Context, size: int) -> WeightsError:
-    if ctx.kind == "checkpoint":
-        return _err(TooLargeError, ctx.input_name, f"{ctx.display} is too large for an SDXL checkpoint",
-                    expected=f"at most {ctx.max_bytes / MiB:.0f} MiB (CHECKPOINT_MAX_BYTES)", got=f"{size / MiB:.0f} MiB")
+    if ctx.kind != "LoRA":
+        kind = KINDS[ctx.kind]
+        return _err(TooLargeError, ctx.input_name, f"{ctx.display} is too large for an SDXL {ctx.kind}",
+                    expected=f"at most {ctx.max_bytes / MiB:.0f} MiB ({kind.max_env})", got=f"{size / MiB:.0f} MiB",
+                    hint=kind.too_large_hint)
     return _err(TooLargeError, ctx.input_name, f"{ctx.display} is too large for a LoRA",
                 expected=f"at most {ctx.max_bytes / MiB:.0f} MiB (LORA_MAX_BYTES)", got=f"{size / MiB:.0f} MiB",
                 hint="A file this large is most likely a full checkpoint, not a LoRA.")
+
+
+# ------------------------------------------------------------------------------------------ kinds of file
+# A1111's SDXL embedding keys (also what CivitAI serves): one table per text encoder, [n_vectors, width].
+EMBEDDING_KEYS = ("clip_l", "clip_g")
+MAX_EMBEDDING_VECTORS = 75  # one 75-token chunk: A1111's limit for a single embedding to be usable
+# The diffusers two-file SDXL form (train_textual_inversion_sdxl.py: learned_embeds.safetensors for the CLIP-L
+# encoder, learned_embeds_2.safetensors for CLIP-G), fetched as a folder from a Hugging Face repo.
+DIFFUSERS_EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+_SD1_EMBEDDING_WIDTHS = {768: "an SD 1.x", 1024: "an SD 2.x"}
+
+
+def _shape(info: Any) -> list:
+    return list(info.get("shape") or []) if isinstance(info, dict) else []
+
+
+def describe_embedding_keys(header: Mapping[str, Any]) -> str | None:
+    """None for an SDXL embedding in A1111 form (clip_l + clip_g, 2-D, the same vector count); else what it is."""
+    keys = [k for k in header if k != "__metadata__"]
+    if all(k in keys for k in EMBEDDING_KEYS):
+        shapes = [_shape(header[k]) for k in EMBEDDING_KEYS]
+        if any(len(s) != 2 for s in shapes) or shapes[0][0] != shapes[1][0]:
+            return f"clip_l/clip_g tables of shapes {shapes[0]} and {shapes[1]} (expected [n, width] with the same n)"
+        if not 1 <= shapes[0][0] <= MAX_EMBEDDING_VECTORS:
+            return f"an embedding of {shapes[0][0]} vectors (1 to {MAX_EMBEDDING_VECTORS} fit a prompt)"
+        return None
+    if "emb_params" in keys or "string_to_param" in keys or any(k.startswith("string_to_param.") for k in keys):
+        width = (_shape(header.get("emb_params")) or [0])[-1]
+        return (f"{_SD1_EMBEDDING_WIDTHS.get(width, 'an SD 1.x/2.x')} textual-inversion embedding "
+                f"(A1111's emb_params/string_to_param form, one {width or '?'}-wide table), not SDXL")
+    if len(keys) == 1:
+        width = (_shape(header[keys[0]]) or [0])[-1]
+        sd1 = _SD1_EMBEDDING_WIDTHS.get(width)
+        what = f"{sd1} textual-inversion embedding" if sd1 else "one vector table"
+        return (f"{what} (a single {width}-wide table {keys[0][:40]!r}), not an SDXL embedding with clip_l and "
+                "clip_g (for a diffusers SDXL pair, link the folder holding learned_embeds.safetensors and "
+                "learned_embeds_2.safetensors)")
+    return f"not an embedding (keys like {', '.join(repr(k[:40]) for k in keys[:3])})"
+
+
+def _check_embedding_keys(header: dict, ctx: _Context) -> None:
+    what = describe_embedding_keys(header)
+    if what is not None:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL embedding",
+                   expected="an SDXL textual-inversion embedding (clip_l [n, 768] and clip_g [n, 1280])", got=what,
+                   hint="Pick the SDXL/Illustrious/Pony version of this embedding.")
+
+
+# The prefix a VAE's keys carry when cut out of an A1111/SGM checkpoint (diffusers' single-file loader strips it).
+_VAE_PREFIXES = ("first_stage_model.",)
+SDXL_LATENT_CHANNELS = 4
+
+
+def describe_vae_keys(header: Mapping[str, Any]) -> str | None:
+    """None for an SDXL-family VAE (A1111/SGM single-file layout or diffusers names); else what the file is."""
+    keys = [k for k in header if k != "__metadata__"]
+    if any(k.startswith(("model.diffusion_model.", "conditioner.")) for k in keys):
+        return "a full checkpoint (it has a UNet), not a VAE: use the checkpoint input"
+    if any(".lora_" in k or "lora_down" in k or k.startswith("lora_") for k in keys):
+        return "a LoRA, not a VAE"
+    for prefix in ("",) + _VAE_PREFIXES:
+        conv_in = header.get(prefix + "decoder.conv_in.weight")
+        if conv_in is not None:
+            shape = _shape(conv_in)
+            if len(shape) != 4 or shape[1] != SDXL_LATENT_CHANNELS:
+                return (f"a VAE with {shape[1] if len(shape) == 4 else '?'} latent channels (SDXL's has "
+                        f"{SDXL_LATENT_CHANNELS}; 16 is Flux/SD3)")
+            if not any(k.startswith(prefix + "encoder.") for k in keys):
+                return "a VAE decoder without its encoder (img2img needs both)"
+            return None
+    return f"not a VAE (keys like {', '.join(repr(k[:40]) for k in keys[:3])})"
+
+
+def _check_vae_keys(header: dict, ctx: _Context) -> None:
+    what = describe_vae_keys(header)
+    if what is not None:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL VAE",
+                   expected="an SDXL VAE (single .safetensors file or a diffusers folder)", got=what)
+
+
+def _hf_files_in(files: list, prefix: str, names: tuple[str, ...]) -> list | None:
+    """The files `names` directly in `prefix`, or None when one is missing."""
+    found = {f.path[len(prefix):]: f for f in files if f.path.startswith(prefix) and "/" not in f.path[len(prefix):]}
+    return [found[n] for n in names] if all(n in found for n in names) else None
+
+
+def _hf_vae_folder(files: list, prefix: str) -> list | None:
+    """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.fp16].safetensors)."""
+    for weights_name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        chosen = _hf_files_in(files, prefix, ("config.json", weights_name))
+        if chosen:
+            return chosen
+    return None
+
+
+def _hf_embedding_folder(files: list, prefix: str) -> list | None:
+    return _hf_files_in(files, prefix, DIFFUSERS_EMBEDDING_FILES)
+
+
+@dataclass(frozen=True)
+class WeightsKind:
+    """What one kind of weights file is, as data: the download path is the same for every kind."""
+
+    name: str  # in messages: "a .safetensors {name}"
+    civitai_types: frozenset[str]  # CivitAI model `type`, lower-case
+    civitai_label: str  # what a CivitAI model of this kind is called, for messages
+    air_types: frozenset[str]  # the type part of an AIR (urn:air:sdxl:<type>:civitai:...)
+    max_env: str  # the per-file size cap's environment variable ...
+    max_bytes: int  # ... and its default
+    min_env: str | None  # the per-file floor (a file below it is not of this kind)
+    min_bytes: int
+    cache_env: str  # the cache folder's environment variable
+    cache_dirs: tuple[str, str]  # default folder: /src/<first> in the Cog image, else ~/.cache/sdxl-lora-cog/<second>
+    # (embeddings and VAEs: <LoRA cache folder>/<second>, see _default_kind_dir)
+    cache_bytes_env: str  # the cache's byte cap
+    cache_bytes: int
+    check_keys: Callable[[dict, _Context], None]  # refuses a file of another kind or base model, before caching
+    hf_folder: Callable[[list, str], list | None] | None = None  # a Hugging Face folder fetched whole, not one file
+    accepts_tar: bool = True  # Replicate trainer outputs, .tar URLs
+    accepts_data: bool = True  # data: URLs
+    too_large_hint: str = ""
+
+
+def _no_key_check(header: dict, ctx: _Context) -> None:
+    """Checkpoints are checked when loaded (utils.inspect_checkpoint), which names what is missing."""
+
+
+KINDS: dict[str, WeightsKind] = {k.name: k for k in (
+    WeightsKind("LoRA", CIVITAI_LORA_TYPES, "a LoRA/LyCORIS model", frozenset({"lora", "lycoris", "locon", "dora"}), "LORA_MAX_BYTES",
+                2 * GiB, None, 0, "LORA_CACHE_DIR", ("lora-cache", "loras"), "LORA_CACHE_MAX_BYTES", 20 * GiB,
+                _check_lora_keys, too_large_hint="A file this large is most likely a full checkpoint, not a LoRA."),
+    WeightsKind("checkpoint", CIVITAI_CHECKPOINT_TYPES, "a Checkpoint model", frozenset({"checkpoint"}), "CHECKPOINT_MAX_BYTES", 16 * GiB,
+                "CHECKPOINT_MIN_BYTES", 2 * GiB, "CHECKPOINT_CACHE_DIR", ("checkpoint-cache", "checkpoints"),
+                "CHECKPOINT_CACHE_MAX_BYTES", 40 * GiB, _no_key_check, accepts_tar=False, accepts_data=False),
+    WeightsKind("embedding", CIVITAI_EMBEDDING_TYPES, "a TextualInversion (embedding) model", frozenset({"embedding", "embeddings", "textualinversion", "ti"}),
+                "EMBEDDING_MAX_BYTES", 8 * MiB, None, 0, "EMBEDDING_CACHE_DIR", ("embedding-cache", "embeddings"),
+                "EMBEDDING_CACHE_MAX_BYTES", 1 * GiB, _check_embedding_keys, hf_folder=_hf_embedding_folder,
+                accepts_tar=False, too_large_hint="An SDXL embedding is a few KB to a few hundred KB."),
+    WeightsKind("VAE", CIVITAI_VAE_TYPES, "a VAE model", frozenset({"vae"}), "VAE_MAX_BYTES", 1 * GiB, None, 0, "VAE_CACHE_DIR",
+                ("vae-cache", "vaes"), "VAE_CACHE_MAX_BYTES", 4 * GiB, _check_vae_keys, hf_folder=_hf_vae_folder,
+                accepts_tar=False, accepts_data=False, too_large_hint="An SDXL VAE is about 160 MB (fp16) or 320 MB."),
+)}
 
 
 # ------------------------------------------------------------------------------------------- HTTP download
@@ -1240,6 +1397,9 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
         prefix = (ref.path + "/") if ref.path else ""
         if ctx.kind == "checkpoint" and any(f.path == prefix + "model_index.json" for f in files):
             return _hf_diffusers_plan(ref, ctx, sha, files, prefix, endpoint, token)
+        folder = KINDS[ctx.kind].hf_folder
+        if folder is not None and folder(files, prefix):
+            return _hf_files_plan(ref, ctx, sha, folder(files, prefix), prefix, endpoint, token)
         chosen = _pick_hf_file(files, ref, ctx)
     else:
         chosen = next((f for f in files if f.path == ref.path), None)
@@ -1278,7 +1438,7 @@ def _resolve_hf(ref: WeightsRef, ctx: _Context) -> _Plan:
             raise _err(ChecksumError, c.input_name, f"the file from {c.display} failed its checksum",
                        expected=f"git blob {chosen.blob_id[:12]}", got="different bytes", hint="Try again.")
         digest = _verify_lora(dest, c, expected_sha256=lfs_sha)
-        return _Staged(tmp, digest, dest.stat().st_size)
+        return _Staged(tmp, digest, dest.stat().st_size, file_name=chosen.path.rsplit("/", 1)[-1])
 
     return _Plan(resolved, produce)
 
@@ -1316,7 +1476,12 @@ def _hf_diffusers_plan(ref: WeightsRef, ctx: _Context, sha: str, files: list, pr
                        token) -> _Plan:
     """A diffusers pipeline folder (a checkpoint repo with model_index.json), downloaded file by file, each checked
     against the Hub's LFS sha256 (or git blob sha1 for small files); fp16-variant names lose their `.fp16`."""
-    chosen = _diffusers_files(files, prefix, ctx)
+    return _hf_files_plan(ref, ctx, sha, _diffusers_files(files, prefix, ctx), prefix, endpoint, token)
+
+
+def _hf_files_plan(ref: WeightsRef, ctx: _Context, sha: str, chosen: list, prefix: str, endpoint: str,
+                   token) -> _Plan:
+    """Several files of one folder (a diffusers pipeline or VAE, a two-file embedding) into entries/<key>/diffusers/."""
     total = sum(f.lfs.size if getattr(f, "lfs", None) else f.size for f in chosen)
     resolved = dataclasses.replace(ref, canonical_id=f"hf:{ref.repo}@{sha}:{prefix}", revision=sha,
                                    display=f"hf://{ref.repo}@{ref.revision}" + (f"/{ref.path}" if ref.path else ""))
@@ -1327,8 +1492,8 @@ def _hf_diffusers_plan(ref: WeightsRef, ctx: _Context, sha: str, files: list, pr
         if total > c.max_bytes:
             raise _too_large(c, total)
         if total < c.min_bytes:
-            raise _err(IncompatibleError, c.input_name, f"{c.display} is too small for a full SDXL checkpoint",
-                       expected=f"at least {c.min_bytes / MiB:.0f} MiB (CHECKPOINT_MIN_BYTES)", got=f"{total / MiB:.1f} MiB")
+            raise _err(IncompatibleError, c.input_name, f"{c.display} is too small for a full SDXL {c.kind}",
+                       expected=f"at least {c.min_bytes / MiB:.0f} MiB ({KINDS[c.kind].min_env})", got=f"{total / MiB:.1f} MiB")
         digest = hashlib.sha256()
         for f in chosen:
             with _hf_catch(c, resolved):
@@ -1342,9 +1507,11 @@ def _hf_diffusers_plan(ref: WeightsRef, ctx: _Context, sha: str, files: list, pr
                            hint="Try again.")
             if f.path.endswith(".safetensors"):
                 try:
-                    check_safetensors(got)
+                    header = check_safetensors(got)
                 except ValueError as err:
                     raise _not_safetensors(c, f"{f.path}: {err}", "") from err
+                if c.kind == "VAE":  # one weights file: its keys say whether it is an SDXL VAE
+                    KINDS[c.kind].check_keys(header, c)
             rel = f.path[len(prefix):].replace(".fp16.safetensors", ".safetensors")
             target = tmp / DIFFUSERS_DIR / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -1377,10 +1544,10 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
                       not_found=f"No CivitAI model {ref.model_id}; copy the link from the model page.")
         mtype = str(model.get("type", "")).lower()
         checkpoint = ctx.kind == "checkpoint"
-        if mtype and mtype not in (CIVITAI_CHECKPOINT_TYPES if checkpoint else CIVITAI_LORA_TYPES):
-            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a {ctx.kind}",
-                       expected="a Checkpoint model" if checkpoint else "a LoRA/LyCORIS model", got=f"a {model.get('type')} model",
-                       hint="Pass LoRAs in lora_weights." if checkpoint else "Pick a LoRA, not a checkpoint or embedding.")
+        if mtype and mtype not in KINDS[ctx.kind].civitai_types:
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
+                       expected=KINDS[ctx.kind].civitai_label, got=f"a {model.get('type')} model",
+                       hint="Pass LoRAs in lora_weights." if checkpoint else f"Pick {_a(ctx.kind)} model.")
         versions = [v for v in model.get("modelVersions") or [] if v.get("status", "Published") == "Published"]
         if not versions:
             raise _err(NotFoundError, ctx.input_name, f"{ctx.display} has no published version", expected="a published version", got="none")
@@ -1390,13 +1557,19 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
     ctx.display = vctx_display
     info = _json(session, f"{base}/api/v1/model-versions/{version_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
                  not_found="No such CivitAI model version; copy the link from the model page.")
+    vtype = str((info.get("model") or {}).get("type") or "").lower()  # the version API names its model's type too
+    if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE"):
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
+                   expected=KINDS[ctx.kind].civitai_label,
+                   got=f"a {(info.get('model') or {}).get('type')} model", hint=f"Pick {_a(ctx.kind)} model.")
     base_model = info.get("baseModel")
     if not _is_sdxl_family(base_model):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} was trained for another base model",
                    expected=f"an SDXL-family {ctx.kind} (SDXL, Illustrious, NoobAI, Pony)", got=f"baseModel {base_model!r}",
                    hint=f"Pick the SDXL/Illustrious version of this {ctx.kind}.")
     v_prediction = any(_VPRED_MARK.search(str(info.get(k) or "")) for k in ("name", "baseModelType"))
-    files = [f for f in info.get("files") or [] if str(f.get("type", "Model")).lower() in ("model", "pruned model")]
+    file_types = ("model", "pruned model", "vae") if ctx.kind == "VAE" else ("model", "pruned model")
+    files = [f for f in info.get("files") or [] if str(f.get("type", "Model")).lower() in file_types]
     safes = [f for f in files if (f.get("metadata") or {}).get("format", "SafeTensor") == "SafeTensor"]
     if not safes:
         formats = ", ".join(sorted({str((f.get('metadata') or {}).get('format')) for f in files})) or "no model file"
@@ -1418,7 +1591,7 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
                       not_found="The CivitAI file is gone; pick another version.")
         digest = _verify_lora(dest, c, expected_sha256=expected_sha, auth_hint=hint)
         return _Staged(tmp, digest, dest.stat().st_size, base_model=base_model, trigger_words=trained,
-                       v_prediction=v_prediction)
+                       v_prediction=v_prediction, file_name=str(chosen.get("name") or "") or None)
 
     return _Plan(resolved, produce)
 
@@ -1437,7 +1610,8 @@ def _tar_producer(url: str, auth: _Auth, *, auth_hint: str, is_tar: bool = True)
         _download_url(session, url, download, c, auth, size_hint=None, auth_hint=auth_hint, cap=cap)
         if not is_tar:
             digest = _verify_lora(download, c, auth_hint=auth_hint)
-            return _Staged(tmp, digest, download.stat().st_size)
+            name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or None
+            return _Staged(tmp, digest, download.stat().st_size, file_name=name)
         has_emb, params = _extract_trainer_tar(download, tmp, c)
         download.unlink()
         digest = _verify_lora(tmp / LORA_FILE_NAME, c, auth_hint=auth_hint)
@@ -1535,7 +1709,8 @@ def _payload(folder: Path) -> Path | None:
     """What an entry holds: its .safetensors file, or a diffusers folder (checkpoints); None if neither is there."""
     if (folder / LORA_FILE_NAME).is_file():
         return folder / LORA_FILE_NAME
-    if (folder / DIFFUSERS_DIR / "model_index.json").is_file():
+    if any((folder / DIFFUSERS_DIR / marker).is_file()
+           for marker in ("model_index.json", "config.json", DIFFUSERS_EMBEDDING_FILES[0])):
         return folder / DIFFUSERS_DIR
     return None
 
@@ -1576,10 +1751,13 @@ class LoraCache:
 
     @classmethod
     def from_env(cls) -> "LoraCache":
-        root = os.environ.get("LORA_CACHE_DIR") or str(_default_cache_dir())
-        return cls(root, max_bytes=_env_int("LORA_CACHE_MAX_BYTES", 20 * GiB),
+        """A cache of this class's kind, configured from the environment variables its KINDS entry names."""
+        kind = KINDS[cls.kind]
+        root = os.environ.get(kind.cache_env) or str(_default_kind_dir(kind))
+        sizes = {"min_file_bytes": _env_int(kind.min_env, kind.min_bytes)} if kind.min_env else {}
+        return cls(root, max_bytes=_env_int(kind.cache_bytes_env, kind.cache_bytes),
                    min_free_bytes=_env_int("LORA_CACHE_MIN_FREE_BYTES", 2 * GiB),
-                   max_file_bytes=_env_int("LORA_MAX_BYTES", 2 * GiB))
+                   max_file_bytes=_env_int(kind.max_env, kind.max_bytes), **sizes)
 
     # ---- index
     @staticmethod
@@ -1672,14 +1850,14 @@ class LoraCache:
         return LoraFile(ref=ref, path=_payload(entry.folder), sha256=m["sha256"], size=m["size"],
                         base_model=m.get("base_model"), trigger_words=tuple(m.get("trigger_words") or ()),
                         embeddings_path=emb if emb.is_file() else None, special_params=dict(m.get("special_params") or {}),
-                        v_prediction=bool(m.get("v_prediction")))
+                        v_prediction=bool(m.get("v_prediction")), file_name=m.get("file_name"))
 
     def _install(self, plan: _Plan, staged: _Staged, ctx: _Context, *, asked: WeightsRef) -> _Entry:
         """Rename the staged folder into place (atomic) and pin it in the same breath, so no eviction sneaks in."""
         meta = {"canonical_id": plan.ref.canonical_id, "display": plan.ref.display, "source": plan.ref.source,
                 "sha256": staged.sha256, "size": staged.size, "base_model": staged.base_model,
                 "trigger_words": list(staged.trigger_words), "special_params": staged.special_params,
-                "v_prediction": staged.v_prediction, "fetched_at": time.time()}
+                "v_prediction": staged.v_prediction, "file_name": staged.file_name, "fetched_at": time.time()}
         (staged.folder / "meta.json").write_text(json.dumps(meta, indent=1), "utf-8")
         total = _folder_bytes(staged.folder)
         self._make_room(total, ctx)
@@ -1836,12 +2014,6 @@ class LoraCache:
                     self._remove_folder(entry.folder)
 
 
-def _default_checkpoint_dir() -> Path:
-    if Path("/src/predict.py").exists():  # inside the Cog image
-        return Path("/src/checkpoint-cache")
-    return Path.home() / ".cache" / "sdxl-lora-cog" / "checkpoints"
-
-
 class CheckpointCache(LoraCache):
     """The same verified, pinned, byte-capped LRU cache for full SDXL checkpoints (single .safetensors files), in
     its own folder with its own cap, and a size window: a file below `min_file_bytes` is not a checkpoint.  The
@@ -1854,24 +2026,52 @@ class CheckpointCache(LoraCache):
         super().__init__(root, max_bytes=max_bytes, min_free_bytes=min_free_bytes, max_file_bytes=max_file_bytes)
         self.min_file_bytes = min_file_bytes
 
-    @classmethod
-    def from_env(cls) -> "CheckpointCache":
-        root = os.environ.get("CHECKPOINT_CACHE_DIR") or str(_default_checkpoint_dir())
-        return cls(root, max_bytes=_env_int("CHECKPOINT_CACHE_MAX_BYTES", 40 * GiB),
-                   min_free_bytes=_env_int("LORA_CACHE_MIN_FREE_BYTES", 2 * GiB),
-                   max_file_bytes=_env_int("CHECKPOINT_MAX_BYTES", 16 * GiB),
-                   min_file_bytes=_env_int("CHECKPOINT_MIN_BYTES", 2 * GiB))
+
+
+class EmbeddingCache(LoraCache):
+    """Textual-inversion embeddings (the `embeddings` input): small files, their own folder and cap."""
+
+    kind = "embedding"
+
+
+class VaeCache(LoraCache):
+    """SDXL VAEs (the `vae` input): single files or diffusers folders, their own folder and cap."""
+
+    kind = "VAE"
+
+
+CACHE_CLASSES: dict[str, type[LoraCache]] = {c.kind: c for c in (LoraCache, CheckpointCache, EmbeddingCache, VaeCache)}
+
+
+def _default_kind_dir(kind: WeightsKind) -> Path:
+    if kind.name in ("embedding", "VAE"):
+        # Small, per-request files: a folder inside the LoRA cache's (which deployments already place and size).
+        return Path(os.environ.get("LORA_CACHE_DIR") or _default_cache_dir()) / kind.cache_dirs[1]
+    if Path("/src/predict.py").exists():  # inside the Cog image
+        return Path("/src") / kind.cache_dirs[0]
+    return Path.home() / ".cache" / "sdxl-lora-cog" / kind.cache_dirs[1]
+
+
+def parse_ref(text: str, kind: str, *, input_name: str) -> WeightsRef:
+    """A reference to a file of `kind` (a KINDS key): the LoRA forms, less those the kind is never shipped as
+    (Replicate trainer outputs and .tar files; data: URLs for multi-GB kinds)."""
+    spec = KINDS[kind]
+    ref = parse_lora_ref(text, input_name=input_name, kind=kind)
+    refused = (not spec.accepts_tar and (ref.source == "replicate" or ref.is_tar)) or \
+        (not spec.accepts_data and ref.source == "data")
+    if refused:
+        forms = "Replicate models, .tar files" + ("" if spec.accepts_data else " and data: URLs")
+        raise _err(InvalidReferenceError, input_name, f"{forms} are not {kind}s",
+                   expected="a Hugging Face file or repo, a CivitAI model or version, or a .safetensors URL"
+                   + (" or data: URL" if spec.accepts_data else ""),
+                   got=repr(_safe_text(ref.display)))
+    return ref
 
 
 def parse_checkpoint_ref(text: str) -> WeightsRef:
     """A `checkpoint` reference: the LoRA forms, less Replicate trainer outputs and data: URLs (no checkpoint is
     shipped that way, and a multi-GB data: URL is no input)."""
-    ref = parse_lora_ref(text, input_name="checkpoint")
-    if ref.source in ("replicate", "data") or ref.is_tar:
-        raise _err(InvalidReferenceError, "checkpoint", "Replicate models, .tar files and data: URLs are not checkpoints",
-                   expected="a Hugging Face file or repo, a CivitAI model or version, or a .safetensors URL",
-                   got=repr(_safe_text(ref.display)))
-    return ref
+    return parse_ref(text, "checkpoint", input_name="checkpoint")
 
 
 def fetch_lora(text: str, tokens: Tokens | None = None, *, input_name: str = "lora_weights", cache: LoraCache | None = None) -> LoraFile:

@@ -21,6 +21,7 @@ size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the download's writes fail part
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -548,3 +549,128 @@ def _server_row(case: Case, inputs: dict, world: World, server_control: list) ->
     assert message, result["error"]
     check_message(message, case)
     assert server.predict(SMALL)["output"] == control
+
+
+# ------------------------------------------------------------------------------- the same table, new inputs
+# Every row whose source is a LoRA reference runs again for `more_loras`, `embeddings` and `vae`: the download path
+# is one for every kind of file (weights.KINDS), so each kind must meet each hostile source the same way. The good
+# file of the row is the kind's own (an embedding, a VAE); a failing row fails at the fetch, before any GPU work,
+# and a recovering row is fetched without generating, so no row makes an image (the model state is checked by
+# identity instead: no LoRA merged, the tokenizers and the VAE the model's own).
+KIND_INPUTS = {
+    # input: (weights.KINDS key, how a reference is written in the input, the name errors must start with)
+    "more_loras": ("LoRA", lambda ref: f"# from a hostile source\n{ref} 0.5", "more_loras line 2"),
+    "embeddings": ("embedding", lambda ref: f"\nhostile={ref}", "embeddings line 2"),
+    "vae": ("VAE", lambda ref: ref, "vae"),
+}
+# Rows about what a LoRA file holds: another kind says instead that the file is not one of its kind.
+_CONTENT_ROWS = ("url-sd15-lora", "hf-flux-lora", "civitai-sd3-lora-labelled-sdxl", "replicate-sd15-in-tar",
+                 "data-checkpoint-as-lora")
+LORA_ROWS = [p for p in CASES if p.values[0].input in ("lora_weights", "extra_lora") and p.values[0].via == "predictor"
+             and p.id != "url-disk-fills-mid-download"]  # that one runs a LoraCache in a child process
+
+
+def _kind_bodies(pipe, weights_dir: Path) -> dict[str, tuple[bytes, bytes]]:
+    """(good, other good) bodies per kind: embeddings of the tiny encoders' widths, the tiny VAE in A1111 layout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ldm_checkpoint import convert_vae
+
+    gen = torch.Generator().manual_seed(3)
+    # 24 vectors (9 KB): larger than what five resumed attempts of the truncating row bring (5 x 1000 bytes)
+    embedding = [st_save({"clip_l": torch.randn(24, 32, generator=gen), "clip_g": torch.randn(24, 64, generator=gen)})
+                 for _ in range(2)]
+    vae_dir = weights_dir / utils.VAE_DIR
+    state = convert_vae(load_file(str(vae_dir / "diffusion_pytorch_model.safetensors")),
+                        json.loads((vae_dir / "config.json").read_text()))
+    other = {**state, "decoder.conv_out.bias": state["decoder.conv_out.bias"] + 0.1}
+    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other))}
+
+
+@pytest.fixture(scope="module")
+def kind_worlds(world, tmp_path_factory):
+    """The world with each kind's cache (the LoRA cap as its per-file cap) and good files."""
+    import dataclasses
+
+    root = tmp_path_factory.mktemp("hostile-kinds")
+    pipe = world.predictor.models.models["illustrious"].txt2img
+    bodies = _kind_bodies(pipe, world.predictor.weights_dir)
+    mp = pytest.MonkeyPatch()
+    worlds = {"LoRA": world}
+    for kind, (good, other) in bodies.items():
+        cache = weights.CACHE_CLASSES[kind](root / kind, max_file_bytes=LORA_CAP)
+        mp.setitem(world.predictor.caches, kind, cache)
+        worlds[kind] = dataclasses.replace(world, cache=cache, lora=good, other_lora=other)
+    try:
+        yield worlds
+    finally:
+        mp.undo()
+
+
+def _kind_case(case: Case, row_id: str, kind: str, input_name: str, built: dict) -> Case:
+    """The row's expectations for `kind`: the same error class and messages, with the kind's words."""
+    ref = next(iter(built.values()))
+    spec = weights.KINDS[kind]
+    refused = (not spec.accepts_tar and (ref.startswith("hostile/") or ref.endswith(".tar"))) or \
+        (not spec.accepts_data and ref.startswith("data:"))
+    if refused:  # a source this kind is never shipped as: refused when parsed
+        return dataclasses.replace(case, error=InvalidReferenceError, input=input_name, says=(r"are not",))
+    says = tuple(s.replace("a LoRA", f"an? (SDXL )?{kind}").replace("LoRA", kind).replace("LORA_MAX_BYTES", spec.max_env)
+                 for s in case.says)
+    env = case.env
+    if kind != "LoRA" and row_id == "civitai-huge-header":  # an embedding's / VAE's own header is small
+        env, says = {"MAX_SAFETENSORS_HEADER": 65536}, (r"got a safetensors header of \d+ bytes", r"at most 65536")
+    if kind != "LoRA" and row_id in _CONTENT_ROWS:
+        says = (rf"is not an SDXL {kind}",)
+    if kind != "LoRA":
+        says = tuple(s for s in says if s not in (r"full checkpoint",))
+    return dataclasses.replace(case, input=input_name, says=says, env=env)
+
+
+
+@pytest.mark.parametrize("kind_input", list(KIND_INPUTS))
+@pytest.mark.parametrize("case", LORA_ROWS)
+def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind_worlds, request, monkeypatch):
+    import embeddings
+    import predict
+
+    kind, write, input_name = KIND_INPUTS[kind_input]
+    w = kind_worlds[kind]
+    row_id = next(p.id for p in LORA_ROWS if p.values[0] is case)
+    tag = f"{kind_input}-{row_id}"
+    built = case.build(w, tag)
+    expected = _kind_case(case, row_id, kind, input_name, built)
+    for name, value in expected.env.items():
+        if name == "min_free_bytes":
+            monkeypatch.setattr(w.cache, name, value)
+        elif name.isupper() and hasattr(weights, name):
+            monkeypatch.setattr(weights, name, value)
+        else:
+            monkeypatch.setenv(name, value)
+    inputs = {kind_input: write(next(iter(built.values())))}
+    before = cache_state(w.cache)
+    if expected.error is None:
+        if kind_input == "more_loras":
+            refs = [x.ref for x in predict.parse_more_loras(inputs[kind_input])]
+        elif kind_input == "embeddings":
+            refs = [x.ref for x in embeddings.parse_embeddings(inputs[kind_input])]
+        else:
+            refs = [weights.parse_ref(inputs[kind_input], "VAE", input_name="vae")]
+        file = w.cache.fetch(refs[0], weights.Tokens(), input_name=input_name)
+        w.cache.release(refs[0])
+        assert file.sha256 == sha256(w.lora)
+        added = {k: v for k, v in cache_state(w.cache).items() if k not in before}
+        assert list(added.values()) in ([sha256(w.lora)], [])  # [] when an earlier kind row cached the same file
+        if case.check:
+            case.check(w, tag)
+    else:
+        with pytest.raises(expected.error) as caught:
+            w.predictor.predict(**predict_inputs(**{**SMALL, **inputs}))
+        check_message(str(caught.value), expected, caught.value)
+        assert cache_state(w.cache) == before
+    model = w.predictor.models.models["illustrious"]
+    merger = w.predictor.mergers["illustrious"]
+    assert merger.active == () or case.error is None
+    assert model.txt2img.tokenizer is merger._orig_tokenizers[0]
+    assert all(p.vae is model.txt2img.vae for p in (model.img2img, model.inpaint))
