@@ -36,12 +36,6 @@ def user_vae_needs_upcast(dtype: torch.dtype, config_force_upcast: bool, single_
     return bool(config_force_upcast)
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].device), sb[k])
-                                          for k in sa)
-
-
 def load_vae(file: weights.LoraFile, weights_dir: Path, device: torch.device, dtype: torch.dtype,
              baked_vae: Any) -> Any:
     """The AutoencoderKL of a fetched `vae` (single A1111/SGM file converted with the fp16-fix VAE's config, or a
@@ -66,7 +60,7 @@ def load_vae(file: weights.LoraFile, weights_dir: Path, device: torch.device, dt
                                f"{list(model.config.block_out_channels)} and {model.config.latent_channels}")
     model = model.to(device).eval()
     upcast = user_vae_needs_upcast(dtype, bool(model.config.get("force_upcast", True)), single,
-                                   single and _same_weights(model, baked_vae))
+                                   single and not utils.vae_needs_upcast(model, baked_vae))
     model.register_to_config(force_upcast=upcast)
     return utils.fast_vae(model, device)
 
