@@ -1452,7 +1452,7 @@ class LoraMerger:
             peaks = torch.stack(torch._foreach_norm([self._param(i) for i in ids], float("inf")))
             finite = torch.isfinite(peaks).cpu()
             bad += [i for i, ok in zip(ids, finite.tolist()) if not ok]
-        return bad
+        return sorted(bad)
 
     def _sync_device(self) -> None:
         """Wait for queued GPU copies so timings and the loading flag reflect finished work."""
