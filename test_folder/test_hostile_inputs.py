@@ -436,3 +436,61 @@ def test_special_params_that_are_not_strings_are_an_error_naming_the_lora(tmp_pa
     pipe = _pipe()
     with pytest.raises(LoraError, match=re.escape(f"{NAME}: special_params should map trigger words to token strings")):
         LoraMerger(pipe).apply([_pti(tmp_path, torch.zeros(2, 4), torch.zeros(2, 6), {"TOK": 5})])
+
+
+# ------------------------------------------------------------------------------------ through the Cog server
+
+
+SERVER_BOUND_S = 60  # the stated bound for any of these requests (measured: under 3 s each on the 2-core runner)
+SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1}
+
+
+def _tiff_data_uri() -> str:
+    import base64
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="TIFF")
+    return "data:image/tiff;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+WORST_CASE_REQUESTS = [
+    ("16k spaces", {"prompt": "x" + " " * 16000 + "y"}, "prompt: too long: expected at most 10,000 characters"),
+    ("48k spaces", {"prompt": " " * 48000}, "prompt: too long: expected at most 10,000 characters"),
+    ("<lora: x40000", {"negative_prompt": "<lora:" * 40000}, "negative_prompt: too long"),
+    ("nested brackets", {"prompt": "(a" * 4999}, "prompt: brackets nested too deep"),
+    ("whitespace at the bound", {"prompt": "x" + " " * 4990 + "BREAK" + " " * 5003 + "y"}, None),
+    ("escaped spaces at the bound", {"prompt": "cat " + "\\ " * 4998}, None),
+    ("emoji jpg metadata", {"prompt": "\U0001F600" * 9000, "negative_prompt": "\U0001F600" * 9000,
+                            "output_format": "jpg"}, "prompt: with output_format 'jpg'"),
+    ("tiff image", {"image": _tiff_data_uri()}, "image: expected a PNG, JPEG or WebP image, got a file in TIFF format"),
+]
+
+
+def test_worst_case_prompts_through_the_server_are_answered_while_it_stays_healthy(cog_server):
+    """Each request is answered (a clear error, or an image) within SERVER_BOUND_S while /health-check keeps
+    answering, and afterwards a normal prediction is byte-identical to one made before them."""
+    import time
+    import uuid
+
+    import requests
+
+    normal = {"prompt": "1girl, (red hat:1.2) BREAK blue sky", "seed": 11, "output_format": "png", **SMALL}
+    before = cog_server.predict(normal)
+    assert before["status"] == "succeeded", before.get("error")
+    seconds = {}
+    for label, inputs, error in WORST_CASE_REQUESTS:
+        pending = cog_server.start(f"hostile-{uuid.uuid4().hex[:12]}", {**SMALL, "prompt": "a cat", **inputs})
+        started, health = time.monotonic(), []
+        while pending._thread.is_alive() and time.monotonic() - started < SERVER_BOUND_S:
+            health.append(requests.get(cog_server.base + "/health-check", timeout=5).json()["status"])  # must answer
+            time.sleep(0.05)
+        result = pending.result(timeout=1)
+        seconds[label] = round(pending.finished_at - started, 2)
+        assert health and set(health) <= {"READY", "BUSY"}, (label, health)
+        if error is None:
+            assert result["status"] == "succeeded", (label, result.get("error"))
+        else:
+            assert result["status"] == "failed" and error in result["error"], (label, result.get("error"))
+    print("seconds per worst-case request:", seconds)
+    after = cog_server.predict(normal)
+    assert after["output"] == before["output"]
