@@ -405,9 +405,14 @@ def detect_style(keys: Iterable[str]) -> str:
 # {m,n}, back-references, look-arounds) is refused with an error naming the LoRA: PEFT and diffusers write plain
 # module names (diffusers' get_peft_kwargs) and hand-written configs use these simple forms.
 
-MAX_PATTERN_KEYS = 4096  # SDXL has ~2 000 targetable modules; a pattern per module fits
+MAX_PATTERN_KEYS = 2048  # diffusers writes one per module whose alpha differs; SDXL LoRAs target under 1 000
 MAX_PATTERN_CHARS = 512  # the longest SDXL module name is under 80 characters
-MAX_PATTERN_GLOBS = 64  # alternatives a key may expand to: "(a|b)(c|d)" is 4
+MAX_PATTERN_STARS = 8  # ".*" / ".+" in one key
+MAX_PATTERN_GLOBS = 16  # alternatives a key may expand to: "(a|b)(c|d)" is 4
+# Segments (the pieces between ".*") of all alpha_pattern alternatives that contain ".*": each costs a regex search
+# per layer, so this bounds the matching of a whole file (about 1 s for 1 000 layers on one slow core). Keys
+# without ".*" (all that diffusers writes) are looked up by length and cost next to nothing.
+MAX_STARRED_SEGMENTS = 2048
 # The largest |lora_alpha| accepted. kohya and PEFT trainers write alpha = rank or a fraction of it (ranks <= 1024);
 # alpha / rank beyond this would be a multiplier of thousands on the delta, which only yields a destroyed image.
 ALPHA_MAX_ABS = 1e4
@@ -555,7 +560,9 @@ class PeftPattern:
     """One alpha_pattern / rank_pattern key, matched as PEFT matches it: the whole module name or a tail after a dot."""
 
     key: str
-    globs: tuple[_Glob, ...]
+    globs: tuple[_Glob, ...]  # every alternative, as a glob (and with PEFT's prefix unless anchored)
+    fixed: tuple[tuple[re.Pattern[str], int, bool], ...]  # alternatives without ".*": (regex, length, anchored)
+    starred: tuple[_Glob, ...]  # globs of the alternatives with ".*"
 
     @classmethod
     def parse(cls, key: str) -> PeftPattern:
@@ -564,7 +571,9 @@ class PeftPattern:
         if len(key) > MAX_PATTERN_CHARS:
             raise _PatternSyntaxError(f"longer than {MAX_PATTERN_CHARS} characters")
         alternatives, _ = _parse_pattern_alternatives(key, 0, in_group=False)
-        globs = []
+        globs: list[_Glob] = []
+        fixed: list[tuple[re.Pattern[str], int, bool]] = []
+        starred: list[_Glob] = []
         for atoms in alternatives:
             anchored = bool(atoms) and atoms[0] is _ANCHOR
             atoms = atoms[1:] if anchored else atoms
@@ -575,10 +584,54 @@ class PeftPattern:
             globs.append(_glob(atoms))
             if not anchored:  # PEFT's "(.*\.)?" prefix: any text ending in a dot
                 globs.append(_glob([_STAR, re.escape(".")] + atoms))
-        return cls(key, tuple(globs))
+            if any(a is _STAR for a in atoms):
+                starred += globs[-2 if not anchored else -1 :]
+            else:  # one fixed-length alternative: the tail of that length (after a dot, unless anchored)
+                fixed.append((re.compile("".join(atoms)), len(atoms), anchored))
+        if sum(1 for a in key if a == "*") + key.count(".+") > MAX_PATTERN_STARS:
+            raise _PatternSyntaxError(f"more than {MAX_PATTERN_STARS} '.*' / '.+'")
+        return cls(key, tuple(globs), tuple(fixed), tuple(starred))
 
     def matches(self, module_name: str) -> bool:
         return any(g.fullmatch(module_name) for g in self.globs)
+
+    @property
+    def starred_segments(self) -> int:
+        return sum(len(g.segments) for g in self.starred)
+
+
+class _AlphaPatterns:
+    """An ordered alpha_pattern, answering "the value of the first key that matches this module" quickly: keys
+    without ".*" are indexed by the length of the name tail they can match (a tail starts at the name's start or
+    after a dot, so a name has few), keys with ".*" are tried in order up to the best index found so far."""
+
+    def __init__(self, entries: Sequence[tuple[PeftPattern, float]]) -> None:
+        self.values = [value for _, value in entries]
+        self.by_length: dict[int, list[tuple[int, re.Pattern[str], bool]]] = {}
+        self.starred: list[tuple[int, tuple[_Glob, ...]]] = []
+        for index, (pattern, _) in enumerate(entries):
+            for regex, length, anchored in pattern.fixed:
+                self.by_length.setdefault(length, []).append((index, regex, anchored))
+            if pattern.starred:
+                self.starred.append((index, pattern.starred))
+
+    def first(self, module_name: str) -> float | None:
+        best = len(self.values)
+        starts = [0] + [i + 1 for i, c in enumerate(module_name) if c == "."]
+        for start in starts:
+            for index, regex, anchored in self.by_length.get(len(module_name) - start, ()):
+                if index >= best:
+                    break
+                if (start == 0 or not anchored) and regex.fullmatch(module_name, start):
+                    best = index
+                    break
+        for index, globs in self.starred:
+            if index >= best:
+                break
+            if any(g.fullmatch(module_name) for g in globs):
+                best = index
+                break
+        return self.values[best] if best < len(self.values) else None
 
 
 def _metadata_number(value: Any, what: str, name: str, *, integer: bool = False) -> float:
@@ -642,7 +695,12 @@ def _peft_alpha_config(metadata: Mapping[str, str], name: str = "LoRA") -> dict[
                                     "'^', '$', '|' or groups") from None
                 entries.append((compiled, _metadata_number(value, f"{k}[{str(pattern)[:60]!r}]", name,
                                                            integer=field_name == "rank_pattern")))
-            checked[k] = tuple(entries)
+            if field_name == "alpha_pattern":  # rank_pattern is only checked: ranks come from the tensors' shapes
+                segments = sum(p.starred_segments for p, _ in entries)
+                if segments > MAX_STARRED_SEGMENTS:
+                    raise LoraError(f"{name}: PEFT metadata {k}: its '.*' patterns are too many or too complex "
+                                    f"({segments} segments, expected at most {MAX_STARRED_SEGMENTS})")
+                checked[k] = _AlphaPatterns(entries)
         else:
             checked[k] = v
     return checked
@@ -654,9 +712,10 @@ def _metadata_alpha(config: Mapping[str, Any], prefix: str) -> tuple[float | Non
     rel = prefix[len(component) + 1 :] if component else prefix
     rslora = bool(config.get(f"{component}.use_rslora", config.get("use_rslora", False)))
     for pattern_key in (f"{component}.alpha_pattern", "alpha_pattern"):
-        for pattern, value in config.get(pattern_key) or ():
-            if pattern.matches(rel):
-                return value, rslora
+        patterns = config.get(pattern_key)
+        value = patterns.first(rel) if isinstance(patterns, _AlphaPatterns) else None
+        if value is not None:
+            return value, rslora
     for alpha_key in (f"{component}.lora_alpha", "lora_alpha"):
         if alpha_key in config and config[alpha_key] is not None:
             return config[alpha_key], rslora

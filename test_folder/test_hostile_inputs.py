@@ -332,6 +332,8 @@ def test_alpha_pattern_picks_each_layers_alpha_as_peft_does(tmp_path):
 
 
 def test_pattern_matching_agrees_with_peft_regex_semantics_on_random_patterns():
+    """Random supported keys, three at a time: the value of the first key that PEFT's re.match(rf"(.*\.)?({key})$")
+    accepts, for every short name over a, b, '.', '1'."""
     import itertools
     import random
 
@@ -339,17 +341,27 @@ def test_pattern_matching_agrees_with_peft_regex_semantics_on_random_patterns():
     pieces = ["a", "b", ".", ".*", ".+", "\\.", "[ab]", "(a|b.)", "(?:b|)", "^", "$", "|", "\\d", "1"]
     names = ["".join(t) for n in range(6) for t in itertools.product("ab.1", repeat=n)]
     compared = 0
-    for _ in range(150):
-        key = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
-        try:
-            pattern = lora.PeftPattern.parse(key)
-        except lora._PatternSyntaxError:
-            continue
-        oracle = re.compile(rf"(.*\.)?({key})$")
+    for _ in range(40):
+        keys: list[tuple[lora.PeftPattern, str]] = []
+        while len(keys) < 3:
+            key = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+            with contextlib.suppress(lora._PatternSyntaxError):
+                keys.append((lora.PeftPattern.parse(key), key))
+        ours = lora._AlphaPatterns([(pattern, float(i)) for i, (pattern, _) in enumerate(keys)])
+        oracles = [re.compile(rf"(.*\.)?({key})$") for _, key in keys]
         for name in names:
-            assert pattern.matches(name) == (oracle.match(name) is not None), (key, name)
+            expected = next((float(i) for i, oracle in enumerate(oracles) if oracle.match(name)), None)
+            assert ours.first(name) == expected, ([k for _, k in keys], name)
             compared += 1
     assert compared > 50_000
+
+
+def test_too_many_starred_patterns_are_refused_naming_the_lora(tmp_path):
+    pattern = {f"up.*attn.*to_q.*x{i}": 8 for i in range(600)}
+    path = _peft_file(tmp_path / "l.safetensors", {"alpha_pattern": json.dumps(pattern), "lora_alpha": "4"})
+    with hang_guard(), pytest.raises(LoraError, match=re.escape(f"{NAME}: PEFT metadata alpha_pattern: its '.*' "
+                                                                "patterns are too many or too complex")):
+        _parse(path)
 
 
 @pytest.mark.parametrize("alpha, shown", [('"abc"', "abc"), ("1e400", "inf"), ('"NaN"', "NaN"), ("1e30", "1e+30"),
