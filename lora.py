@@ -1548,10 +1548,12 @@ class LoraMerger:
             raise IncompatibleLoraError(f"{req.name}: embeddings have {rows0.shape[0]} and {rows1.shape[0]} rows")
         for key, rows in (("text_encoders_0", rows0), ("text_encoders_1", rows1)):
             _check_values(rows, f"embeddings (embeddings.pti) {key}", req.name)
-        bad_map = {k: v for k, v in req.token_map.items() if not isinstance(k, str) or not isinstance(v, str)}
+        # Trigger words are replaced in the prompt: an empty or huge one would multiply the prompt's length.
+        bad_map = {k: v for k, v in req.token_map.items()
+                   if not isinstance(k, str) or not isinstance(v, str) or not k.strip() or len(k) > 100 or len(v) > 1000}
         if bad_map:
             raise LoraError(f"{req.name}: special_params should map trigger words to token strings (like "
-                            f'{{"TOK": "<s0><s1>"}}), got {str(bad_map)[:80]}')
+                            f'{{"TOK": "<s0><s1>"}}, words of 1 to 100 characters), got {str(bad_map)[:80]}')
         n = rows0.shape[0]
         named = [t for v in req.token_map.values() for t in re.findall(r"<[^<>\s]+>", v)]
         tokens = tuple(dict.fromkeys(named)) if len(dict.fromkeys(named)) == n else tuple(f"<s{i}>" for i in range(n))

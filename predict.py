@@ -143,7 +143,7 @@ def check_inputs(
     # Length first: everything after this reads the text, and all of it must stay cheap.
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
         prompts.check_prompt_length(text, name)
-    expect(isinstance(prompt, str) and prompt.strip() != "", f"prompt: expected non-empty text, got {prompt!r}")
+    expect(isinstance(prompt, str) and prompt.strip() != "", f"prompt: expected non-empty text, got {prompt!r:.60}")
     expect(aspect_ratio in ASPECT_RATIO_CHOICES, f"aspect_ratio: expected one of {ASPECT_RATIO_CHOICES}, got {aspect_ratio!r}")
     expect(megapixels in MEGAPIXEL_CHOICES, f"megapixels: expected one of {MEGAPIXEL_CHOICES}, got {megapixels!r}")
     expect(output_format in OUTPUT_FORMAT_CHOICES, f"output_format: expected one of {OUTPUT_FORMAT_CHOICES}, got {output_format!r}")

@@ -76,6 +76,12 @@ def test_prompts_over_the_length_bound_are_refused_before_any_parsing(input_name
     assert str(err.value).startswith(f"{input_name}: too long: expected at most 10,000 characters, got {len(text):,}")
 
 
+def test_a_blank_prompt_error_is_short():
+    with pytest.raises(utils.InputError) as err:
+        check(prompt=" " * prompts.MAX_PROMPT_CHARS)
+    assert str(err.value) == "prompt: expected non-empty text, got '" + " " * 59  # the text cut at 60 characters
+
+
 def test_a_prompt_at_the_length_bound_is_accepted():
     text = ("1girl, " * 2000)[: prompts.MAX_PROMPT_CHARS]
     assert check(prompt=text, negative_prompt=text).prompt == text
@@ -444,10 +450,12 @@ def test_nan_rows_in_embeddings_pti_blame_the_loras_embeddings_not_the_prompt(tm
     _assert_state(pipe, base)
 
 
-def test_special_params_that_are_not_strings_are_an_error_naming_the_lora(tmp_path):
+@pytest.mark.parametrize("token_map", [{"TOK": 5}, {"": "<s0><s1>"}, {"TOK": ["<s0>"]}],
+                         ids=["number", "empty trigger", "list"])
+def test_special_params_that_are_not_trigger_strings_are_an_error_naming_the_lora(tmp_path, token_map):
     pipe = _pipe()
     with pytest.raises(LoraError, match=re.escape(f"{NAME}: special_params should map trigger words to token strings")):
-        LoraMerger(pipe).apply([_pti(tmp_path, torch.zeros(2, 4), torch.zeros(2, 6), {"TOK": 5})])
+        LoraMerger(pipe).apply([_pti(tmp_path, torch.zeros(2, 4), torch.zeros(2, 6), token_map)])
 
 
 # ------------------------------------------------------------------------------------ through the Cog server
