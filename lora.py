@@ -392,9 +392,9 @@ def detect_style(keys: Iterable[str]) -> str:
 
 # ------------------------------------------------------------------------------------------- PEFT metadata
 #
-# PEFT's LoraConfig.alpha_pattern / rank_pattern map a pattern to a value. PEFT (peft/utils/other.py,
-# get_pattern_key, 0.14 to 0.17+) takes the first key, in the mapping's order, for which
-# re.match(rf"(.*\.)?({key})$", module_name) succeeds: the key is a regular expression that must match the whole
+# PEFT's LoraConfig.alpha_pattern / rank_pattern map a pattern to a value. PEFT (get_pattern_key in
+# peft/utils/other.py; older releases used re.match(rf".*\.{key}$")) takes the first key, in the mapping's order,
+# for which re.match(rf"(.*\.)?({key})$", module_name) succeeds: the key is a regular expression that must match the whole
 # module name or a dot-separated tail of it. Running a key from a downloaded file through Python's backtracking
 # engine lets a 1 KB file wedge the process ("(.*.*)*Z"), so keys are parsed here into a form matched in linear
 # time instead: each key becomes a few "globs", sequences of fixed-length segments of one-character atoms (a

@@ -134,9 +134,7 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")  # what the README promises; Pillow's ot
 _OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"GIF8", "GIF"), (b"\x00\x00\x01\x00", "ICO"),
     (b"\x01\xda", "SGI"), (b"8BPS", "PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
-    (b"\x0a", "PCX"), (b"%PDF", "PDF"), (b"<svg", "SVG"), (b"<?xml", "SVG/XML"), (b"\x00\x00\x00", "HEIF/AVIF"),
-    (b"qoif", "QOI"), (b"DDS ", "DDS"), (b"P1", "PBM"), (b"P4", "PBM"), (b"P2", "PGM"), (b"P5", "PGM"),
-    (b"P3", "PPM"), (b"P6", "PPM"),
+    (b"%PDF", "PDF"), (b"<svg", "SVG"), (b"qoif", "QOI"), (b"DDS ", "DDS"),
 )
 # Background that transparent pixels are flattened onto: white for images (A1111's default img2img background
 # colour), black for masks (transparent = not painted = kept).
@@ -149,9 +147,13 @@ def _sniff_format(path: str | os.PathLike) -> str:
             head = f.read(16)
     except OSError:
         return "an unreadable file"
-    for magic, name in _OTHER_FORMATS:
-        if head.startswith(magic):
-            return f"a file in {name} format"
+    name = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
+    if name is None and head[4:8] == b"ftyp":
+        name = "HEIF/AVIF"
+    if name is None and len(head) > 2 and head[0] == 0x0A and head[1] in (0, 2, 3, 4, 5) and head[2] == 1:
+        name = "PCX"  # manufacturer byte, version, RLE encoding
+    if name is not None:
+        return f"a file in {name} format"
     return "a file that is not one" if head else "an empty file"
 
 
