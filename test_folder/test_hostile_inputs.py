@@ -473,7 +473,21 @@ def _tiff_data_uri() -> str:
     return "data:image/tiff;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _hostile_lora_data_uri() -> str:
+    """The issue's 1.4 KB LoRA: PEFT metadata whose alpha_pattern key is a catastrophically backtracking regex."""
+    import base64
+
+    from safetensors.torch import save
+
+    tensors = {f"unet.{m}.lora_{ab}.weight": torch.zeros(2, 8) if ab == "A" else torch.zeros(8, 2)
+               for m in UNET_MODULES for ab in "AB"}
+    data = save(tensors, metadata={"alpha_pattern": json.dumps({"(.*.*)*Z": 8}), "lora_alpha": "4"})
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
 WORST_CASE_REQUESTS = [
+    ("PEFT pattern (.*.*)*Z", {"lora_weights": _hostile_lora_data_uri()},
+     "PEFT metadata alpha_pattern: pattern '(.*.*)*Z' is not supported"),
     ("16k spaces", {"prompt": "x" + " " * 16000 + "y"}, "prompt: too long: expected at most 10,000 characters"),
     ("48k spaces", {"prompt": " " * 48000}, "prompt: too long: expected at most 10,000 characters"),
     ("<lora: x40000", {"negative_prompt": "<lora:" * 40000}, "negative_prompt: too long"),
