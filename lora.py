@@ -390,8 +390,271 @@ def detect_style(keys: Iterable[str]) -> str:
     return "diffusers"
 
 
-def _peft_alpha_config(metadata: Mapping[str, str]) -> dict[str, Any]:
-    """Alpha settings of PEFT/diffusers adapters from safetensors metadata (flat or in lora_adapter_metadata)."""
+# ------------------------------------------------------------------------------------------- PEFT metadata
+#
+# PEFT's LoraConfig.alpha_pattern / rank_pattern map a pattern to a value. PEFT (get_pattern_key in
+# peft/utils/other.py; older releases used re.match(rf".*\.{key}$")) takes the first key, in the mapping's order,
+# for which re.match(rf"(.*\.)?({key})$", module_name) succeeds: the key is a regular expression that must match the whole
+# module name or a dot-separated tail of it. Running a key from a downloaded file through Python's backtracking
+# engine lets a 1 KB file wedge the process ("(.*.*)*Z"), so keys are parsed here into a form matched in linear
+# time instead: each key becomes a few "globs", sequences of fixed-length segments of one-character atoms (a
+# literal, ".", a class like [0-9] or \d) separated by ".*"; a glob is matched by finding each segment once, left
+# to right (leftmost is optimal for segments joined by ".*"), with compiled quantifier-free regexes, O(name x key).
+# Supported: literals, ".", "\."-style escapes, \d \w \s \D \W \S, [...] classes, ".*", ".+", a leading "^", a
+# trailing "$", "|" and (non-capturing) groups without quantifiers. Other syntax (quantifiers on anything but ".",
+# {m,n}, back-references, look-arounds) is refused with an error naming the LoRA: PEFT and diffusers write plain
+# module names (diffusers' get_peft_kwargs) and hand-written configs use these simple forms.
+
+MAX_PATTERN_KEYS = 2048  # diffusers writes one per module whose alpha differs; SDXL LoRAs target under 1 000
+MAX_PATTERN_CHARS = 512  # the longest SDXL module name is under 80 characters
+MAX_PATTERN_STARS = 8  # ".*" / ".+" in one key
+MAX_PATTERN_GLOBS = 16  # alternatives a key may expand to: "(a|b)(c|d)" is 4
+# Segments (the pieces between ".*") of all alpha_pattern alternatives that contain ".*": each costs a regex search
+# per layer, so this bounds the matching of a whole file (about 1 s for 1 000 layers on one slow core). Keys
+# without ".*" (all that diffusers writes) are looked up by length and cost next to nothing.
+MAX_STARRED_SEGMENTS = 2048
+# The largest |lora_alpha| accepted. kohya and PEFT trainers write alpha = rank or a fraction of it (ranks <= 1024);
+# alpha / rank beyond this would be a multiplier of thousands on the delta, which only yields a destroyed image.
+ALPHA_MAX_ABS = 1e4
+# The largest |value| accepted in a factor, DoRA magnitude or full difference. Trained LoRA factors are below 10
+# (weights of SDXL are below 20); 1e30 factors overflow every 16-bit weight and blacken the image.
+FACTOR_MAX_ABS = 1e4
+_STAR, _ANCHOR, _END = object(), object(), object()  # ".*", "^" and "$" in a parsed pattern
+
+
+class _PatternSyntaxError(ValueError):
+    pass
+
+
+def _parse_pattern_alternatives(key: str, pos: int, in_group: bool) -> tuple[list[list], int]:
+    """Globs (lists of one-character regex atoms and _STAR) for key[pos:] up to ')' (in a group) or the end."""
+    current: list[list] = [[]]  # the expansions of the alternative being read
+
+    def extend(options: list[list]) -> None:
+        nonlocal current
+        current = [a + b for a in current for b in options]
+        if len(current) > MAX_PATTERN_GLOBS:
+            raise _PatternSyntaxError(f"expands to more than {MAX_PATTERN_GLOBS} alternatives")
+
+    done: list[list] = []
+    while pos < len(key):
+        c = key[pos]
+        if c == ")":
+            if not in_group:
+                raise _PatternSyntaxError(f"unbalanced ')' at {pos}")
+            break
+        if c == "|":
+            done += current
+            current = [[]]
+            pos += 1
+            continue
+        if c == "(":
+            inner = pos + 1
+            if key.startswith("?:", inner):
+                inner += 2
+            elif key.startswith("?", inner):
+                raise _PatternSyntaxError(f"group extension '(?' at {pos}")
+            options, close = _parse_pattern_alternatives(key, inner, in_group=True)
+            if close >= len(key):
+                raise _PatternSyntaxError(f"missing ')' for the group at {pos}")
+            pos = close + 1
+            if pos < len(key) and key[pos] in "*+?{":
+                raise _PatternSyntaxError(f"quantifier {key[pos]!r} after a group at {pos}")
+            extend(options)
+            continue
+        if c in "^$":  # placed as markers; PeftPattern.parse checks they start / end their alternative
+            extend([[_ANCHOR if c == "^" else _END]])
+            pos += 1
+            continue
+        if c in "*+?{}":
+            raise _PatternSyntaxError(f"quantifier {c!r} at {pos} (only '.*' and '.+' are supported)")
+        if c == ".":
+            nxt = key[pos + 1] if pos + 1 < len(key) else ""
+            if nxt == "*":
+                extend([[_STAR]])
+                pos += 2
+            elif nxt == "+":
+                extend([[".", _STAR]])
+                pos += 2
+            else:
+                extend([["."]])
+                pos += 1
+            continue
+        if c == "\\":
+            if pos + 1 >= len(key):
+                raise _PatternSyntaxError("trailing backslash")
+            e = key[pos + 1]
+            if e in "dwsDWS":
+                atom = "\\" + e
+            elif not e.isalnum() and e != "_":
+                atom = re.escape(e)
+            else:
+                raise _PatternSyntaxError(f"escape '\\{e}' at {pos}")
+            extend([[atom]])
+            pos += 2
+        elif c == "[":
+            close = pos + 1
+            if key.startswith("^", close):
+                close += 1
+            if key.startswith("]", close):
+                close += 1
+            while close < len(key) and key[close] != "]":
+                close += 2 if key[close] == "\\" else 1
+            if close >= len(key):
+                raise _PatternSyntaxError(f"unterminated '[' at {pos}")
+            atom = key[pos : close + 1]
+            if "[" in atom[1:-1]:
+                raise _PatternSyntaxError(f"nested '[' in the class at {pos}")
+            try:
+                re.compile(atom)  # one character class: cannot backtrack
+            except re.error as err:
+                raise _PatternSyntaxError(f"bad class {atom!r}: {err}") from None
+            extend([[atom]])
+            pos = close + 1
+        else:
+            extend([[re.escape(c)]])
+            pos += 1
+        if pos < len(key) and key[pos] in "*+?{":
+            raise _PatternSyntaxError(f"quantifier {key[pos]!r} at {pos} (only '.*' and '.+' are supported)")
+    done += current
+    return done, pos
+
+
+@dataclass(frozen=True)
+class _Glob:
+    """Fixed-length segments joined by ".*": head, middles, tail (one regex each, no quantifiers)."""
+
+    segments: tuple[tuple[re.Pattern[str], int], ...]  # (regex, length)
+    stars: bool
+
+    def fullmatch(self, text: str) -> bool:
+        segs = self.segments
+        if not self.stars:
+            regex, length = segs[0]
+            return len(text) == length and regex.fullmatch(text) is not None
+        (head, head_len), (tail, tail_len) = segs[0], segs[-1]
+        end = len(text) - tail_len
+        if end < head_len or head.match(text, 0, head_len) is None or tail.fullmatch(text, end) is None:
+            return False
+        pos = head_len
+        for regex, length in segs[1:-1]:
+            found = regex.search(text, pos, end)
+            if found is None:
+                return False
+            pos = found.end()
+        return True
+
+
+def _glob(atoms: list) -> _Glob:
+    segments: list[list[str]] = [[]]
+    for atom in atoms:
+        if atom is _STAR:
+            segments.append([])
+        else:
+            segments[-1].append(atom)
+    return _Glob(tuple((re.compile("".join(s)), len(s)) for s in segments), len(segments) > 1)
+
+
+@dataclass(frozen=True)
+class PeftPattern:
+    """One alpha_pattern / rank_pattern key, matched as PEFT matches it: the whole module name or a tail after a dot."""
+
+    key: str
+    globs: tuple[_Glob, ...]  # every alternative, as a glob (and with PEFT's prefix unless anchored)
+    fixed: tuple[tuple[re.Pattern[str], int, bool], ...]  # alternatives without ".*": (regex, length, anchored)
+    starred: tuple[_Glob, ...]  # globs of the alternatives with ".*"
+
+    @classmethod
+    def parse(cls, key: str) -> PeftPattern:
+        if not isinstance(key, str) or not key:
+            raise _PatternSyntaxError("empty pattern")
+        if len(key) > MAX_PATTERN_CHARS:
+            raise _PatternSyntaxError(f"longer than {MAX_PATTERN_CHARS} characters")
+        alternatives, _ = _parse_pattern_alternatives(key, 0, in_group=False)
+        globs: list[_Glob] = []
+        fixed: list[tuple[re.Pattern[str], int, bool]] = []
+        starred: list[_Glob] = []
+        for atoms in alternatives:
+            anchored = bool(atoms) and atoms[0] is _ANCHOR
+            atoms = atoms[1:] if anchored else atoms
+            while atoms and atoms[-1] is _END:  # PEFT appends "$" itself
+                atoms = atoms[:-1]
+            if any(a is _ANCHOR or a is _END for a in atoms):
+                raise _PatternSyntaxError("'^' only at the start and '$' only at the end of an alternative")
+            globs.append(_glob(atoms))
+            if not anchored:  # PEFT's "(.*\.)?" prefix: any text ending in a dot
+                globs.append(_glob([_STAR, re.escape(".")] + atoms))
+            if any(a is _STAR for a in atoms):
+                starred += globs[-2 if not anchored else -1 :]
+            else:  # one fixed-length alternative: the tail of that length (after a dot, unless anchored)
+                fixed.append((re.compile("".join(atoms)), len(atoms), anchored))
+        if sum(1 for a in key if a == "*") + key.count(".+") > MAX_PATTERN_STARS:
+            raise _PatternSyntaxError(f"more than {MAX_PATTERN_STARS} '.*' / '.+'")
+        return cls(key, tuple(globs), tuple(fixed), tuple(starred))
+
+    def matches(self, module_name: str) -> bool:
+        return any(g.fullmatch(module_name) for g in self.globs)
+
+    @property
+    def starred_segments(self) -> int:
+        return sum(len(g.segments) for g in self.starred)
+
+
+class _AlphaPatterns:
+    """An ordered alpha_pattern, answering "the value of the first key that matches this module" quickly: keys
+    without ".*" are indexed by the length of the name tail they can match (a tail starts at the name's start or
+    after a dot, so a name has few), keys with ".*" are tried in order up to the best index found so far."""
+
+    def __init__(self, entries: Sequence[tuple[PeftPattern, float]]) -> None:
+        self.values = [value for _, value in entries]
+        self.by_length: dict[int, list[tuple[int, re.Pattern[str], bool]]] = {}
+        self.starred: list[tuple[int, tuple[_Glob, ...]]] = []
+        for index, (pattern, _) in enumerate(entries):
+            for regex, length, anchored in pattern.fixed:
+                self.by_length.setdefault(length, []).append((index, regex, anchored))
+            if pattern.starred:
+                self.starred.append((index, pattern.starred))
+
+    def first(self, module_name: str) -> float | None:
+        best = len(self.values)
+        starts = [0] + [i + 1 for i, c in enumerate(module_name) if c == "."]
+        for start in starts:
+            for index, regex, anchored in self.by_length.get(len(module_name) - start, ()):
+                if index >= best:
+                    break
+                if (start == 0 or not anchored) and regex.fullmatch(module_name, start):
+                    best = index
+                    break
+        for index, globs in self.starred:
+            if index >= best:
+                break
+            if any(g.fullmatch(module_name) for g in globs):
+                best = index
+                break
+        return self.values[best] if best < len(self.values) else None
+
+
+def _metadata_number(value: Any, what: str, name: str, *, integer: bool = False) -> float:
+    """A finite, sane number from PEFT metadata (a JSON number, or its text as safetensors metadata stores it)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise LoraError(f"{name}: PEFT metadata {what}: expected a number, got {str(value)[:40]!r}")
+    number = float(number)
+    if not math.isfinite(number) or abs(number) > ALPHA_MAX_ABS or (integer and (number != int(number) or number < 1)):
+        kind = "a positive integer" if integer else f"a finite number of magnitude at most {ALPHA_MAX_ABS:g}"
+        raise LoraError(f"{name}: PEFT metadata {what}: expected {kind}, got {str(value)[:40]}")
+    return number
+
+
+def _peft_alpha_config(metadata: Mapping[str, str], name: str = "LoRA") -> dict[str, Any]:
+    """Alpha settings of PEFT/diffusers adapters from safetensors metadata (flat or in lora_adapter_metadata),
+    checked: lora_alpha values are finite numbers, alpha_pattern / rank_pattern are mappings of supported patterns
+    (PeftPattern) to numbers; anything else is a LoraError naming the LoRA."""
     config: dict[str, Any] = {}
     for k in ("lora_alpha", "r", "use_rslora", "alpha_pattern", "rank_pattern"):
         if k in metadata:
@@ -399,16 +662,48 @@ def _peft_alpha_config(metadata: Mapping[str, str]) -> dict[str, Any]:
     packed = metadata.get("lora_adapter_metadata")
     if packed:
         try:
-            config.update(json.loads(packed))
-        except (TypeError, ValueError):
-            logger.debug("unreadable lora_adapter_metadata ignored")
+            unpacked = json.loads(packed)
+        except (TypeError, ValueError, RecursionError):
+            raise LoraError(f"{name}: its lora_adapter_metadata is not readable JSON, so its alphas are unknown") from None
+        if not isinstance(unpacked, dict):
+            raise LoraError(f"{name}: its lora_adapter_metadata should be a JSON object, got {type(unpacked).__name__}")
+        config.update(unpacked)
     for k, v in list(config.items()):  # metadata values are strings
         if isinstance(v, str):
             try:
                 config[k] = json.loads(v)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
-    return config
+    checked: dict[str, Any] = {}
+    for k, v in config.items():
+        field_name = k.rsplit(".", 1)[-1]
+        if field_name == "lora_alpha" and v is not None:
+            checked[k] = _metadata_number(v, k, name)
+        elif field_name in ("alpha_pattern", "rank_pattern") and v:
+            if not isinstance(v, dict):
+                raise LoraError(f"{name}: PEFT metadata {k}: expected a mapping of module patterns to numbers, "
+                                f"got {type(v).__name__}")
+            if len(v) > MAX_PATTERN_KEYS:
+                raise LoraError(f"{name}: PEFT metadata {k}: {len(v)} patterns, expected at most {MAX_PATTERN_KEYS}")
+            entries = []
+            for pattern, value in v.items():
+                try:
+                    compiled = PeftPattern.parse(pattern)
+                except _PatternSyntaxError as err:
+                    raise LoraError(f"{name}: PEFT metadata {k}: pattern {str(pattern)[:60]!r} is not supported "
+                                    f"({err}); expected module names, optionally with '.', '.*', [classes], "
+                                    "'^', '$', '|' or groups") from None
+                entries.append((compiled, _metadata_number(value, f"{k}[{str(pattern)[:60]!r}]", name,
+                                                           integer=field_name == "rank_pattern")))
+            if field_name == "alpha_pattern":  # rank_pattern is only checked: ranks come from the tensors' shapes
+                segments = sum(p.starred_segments for p, _ in entries)
+                if segments > MAX_STARRED_SEGMENTS:
+                    raise LoraError(f"{name}: PEFT metadata {k}: its '.*' patterns are too many or too complex "
+                                    f"({segments} segments, expected at most {MAX_STARRED_SEGMENTS})")
+                checked[k] = _AlphaPatterns(entries)
+        else:
+            checked[k] = v
+    return checked
 
 
 def _metadata_alpha(config: Mapping[str, Any], prefix: str) -> tuple[float | None, bool]:
@@ -417,14 +712,13 @@ def _metadata_alpha(config: Mapping[str, Any], prefix: str) -> tuple[float | Non
     rel = prefix[len(component) + 1 :] if component else prefix
     rslora = bool(config.get(f"{component}.use_rslora", config.get("use_rslora", False)))
     for pattern_key in (f"{component}.alpha_pattern", "alpha_pattern"):
-        patterns = config.get(pattern_key) or {}
-        if isinstance(patterns, dict):
-            for pattern, value in patterns.items():
-                if re.fullmatch(rf"(.*\.)?{pattern}", rel):
-                    return float(value), rslora
+        patterns = config.get(pattern_key)
+        value = patterns.first(rel) if isinstance(patterns, _AlphaPatterns) else None
+        if value is not None:
+            return value, rslora
     for alpha_key in (f"{component}.lora_alpha", "lora_alpha"):
         if alpha_key in config and config[alpha_key] is not None:
-            return float(config[alpha_key]), rslora
+            return config[alpha_key], rslora
     return None, rslora
 
 
@@ -440,6 +734,34 @@ def _key_summary(keys: Iterable[str], limit: int = 4) -> str:
 
 
 _PARSE_SERIAL = itertools.count(1)
+
+
+def _alpha_value(tensor: torch.Tensor, prefix: str, name: str) -> float:
+    """A layer's .alpha tensor: one finite number of sane size (kohya writes a 0-d tensor)."""
+    if tensor.numel() != 1:
+        raise LoraError(f"{name}: layer '{prefix}' alpha should hold one number, got a tensor of shape "
+                        f"{list(tensor.shape)}")
+    alpha = float(tensor.float().item())
+    if not math.isfinite(alpha) or abs(alpha) > ALPHA_MAX_ABS:
+        raise LoraError(f"{name}: layer '{prefix}' alpha is {alpha:g}; expected a finite number of magnitude at "
+                        f"most {ALPHA_MAX_ABS:g}")
+    return alpha
+
+
+def _check_values(tensor: torch.Tensor, what: str, name: str) -> None:
+    """Refuse NaN, infinite or absurdly large values (they give a black or destroyed image, never an error)."""
+    if not tensor.is_floating_point():
+        raise LoraError(f"{name}: {what} has dtype {str(tensor.dtype).replace('torch.', '')}; expected floating-point "
+                        "values")
+    if tensor.numel() == 0:
+        return
+    peak = float(torch.amax(tensor.detach().abs()))  # NaN propagates, inf stays inf
+    if math.isnan(peak) or math.isinf(peak):
+        raise LoraError(f"{name}: {what} holds {'NaN' if math.isnan(peak) else 'infinite'} values; the file is "
+                        "corrupt or was saved from a diverged training")
+    if peak > FACTOR_MAX_ABS:
+        raise LoraError(f"{name}: {what} holds values up to {peak:.3g}; expected at most {FACTOR_MAX_ABS:g} "
+                        "(trained LoRA factors are below 10)")
 
 
 def parse_lora_tensors(
@@ -481,7 +803,7 @@ def parse_lora_tensors(
             f"{name}: {len(unknown)} keys of an unknown kind, e.g. {unknown[:3]} (file holds {_key_summary(tensors)})"
         )
 
-    peft_config = _peft_alpha_config(metadata)
+    peft_config = _peft_alpha_config(metadata, name)
     layers: dict[str, LayerSpec] = {}
     for prefix, roles in groups.items():
         bad = sorted({_UNSUPPORTED_ROLES[r] for r in roles if r in _UNSUPPORTED_ROLES})
@@ -503,9 +825,11 @@ def parse_lora_tensors(
                 f"{name}: layer '{prefix}' has an incomplete or mixed set of tensors {sorted(roles)}"
             )
         if "alpha" in roles:
-            alpha, rslora = float(roles["alpha"].float().item()), False
+            alpha, rslora = _alpha_value(roles["alpha"], prefix, name), False
         else:
             alpha, rslora = _metadata_alpha(peft_config, prefix)
+        for role in sorted(algo_roles | ({"dora_scale", "magnitude"} & set(roles))):
+            _check_values(roles[role], f"layer '{prefix}' {role}", name)
         magnitude, style = None, ""
         if "dora_scale" in roles:
             magnitude, style = roles["dora_scale"], "lycoris"
@@ -966,6 +1290,23 @@ class LoraMerger:
                 if self._live.get(layer_id, ()) != sig:  # else this layer already holds exactly this sum
                     todo.append((layer_id, [(s, spec) for s, spec, _ in contributions], sig))
             self._write_layers([(layer_id, contributions) for layer_id, contributions, _ in todo])
+            overflowed = self._nonfinite([layer_id for layer_id, contributions, _ in todo if contributions])
+            if overflowed:
+                # Every factor was finite and bounded, but their sum does not fit the weights' dtype (float16
+                # tops out at 65 504): put the base back, bit for bit, and name the LoRAs that touch the layer.
+                self._restore_all()
+                self._signature = ()
+                self._last_report = ApplyReport((), False, 0, 0.0)
+                self.loading = False
+                culprits = [req.name for req, resolved, _, _, _ in prepared
+                            if req.scale != 0 and any(lid == overflowed[0] for lid, _ in resolved.layers)]
+                component, module = overflowed[0]
+                raise LoraError(
+                    f"{' + '.join(culprits) or 'LoRA'}: merged into {component} {module} (and {len(overflowed) - 1} "
+                    f"other layers) the weights overflow to infinity or NaN in "
+                    f"{str(self._param(overflowed[0]).dtype).replace('torch.', '')}; the LoRA's values or scale are "
+                    "far too large. The model is unchanged"
+                )
             for layer_id, _, sig in todo:
                 if sig:
                     self._live[layer_id] = sig
@@ -1157,6 +1498,21 @@ class LoraMerger:
                 acc += scale * layer_delta(spec, base)
         weight.copy_(acc)  # copy_ rounds to the weight's dtype itself: no intermediate tensor
 
+    @torch.no_grad()
+    def _nonfinite(self, layer_ids: Sequence[LayerId]) -> list[LayerId]:
+        """The layers among `layer_ids` whose live weight holds NaN or inf: one multi-tensor max-norm per device
+        and dtype and a single device sync (a few ms for all SDXL layers on a GPU)."""
+        groups: dict[tuple, list[LayerId]] = {}
+        for layer_id in layer_ids:
+            weight = self._param(layer_id)
+            groups.setdefault((weight.device, weight.dtype), []).append(layer_id)
+        bad: list[LayerId] = []
+        for ids in groups.values():
+            peaks = torch.stack(torch._foreach_norm([self._param(i) for i in ids], float("inf")))
+            finite = torch.isfinite(peaks).cpu()
+            bad += [i for i, ok in zip(ids, finite.tolist()) if not ok]
+        return sorted(bad)
+
     def _sync_device(self) -> None:
         """Wait for queued GPU copies so timings and the loading flag reflect finished work."""
         if torch.cuda.is_available() and any(b.is_cuda for b in self._base.values()):
@@ -1190,6 +1546,14 @@ class LoraMerger:
                 )
         if rows0.shape[0] != rows1.shape[0]:
             raise IncompatibleLoraError(f"{req.name}: embeddings have {rows0.shape[0]} and {rows1.shape[0]} rows")
+        for key, rows in (("text_encoders_0", rows0), ("text_encoders_1", rows1)):
+            _check_values(rows, f"embeddings (embeddings.pti) {key}", req.name)
+        # Trigger words are replaced in the prompt: an empty or huge one would multiply the prompt's length.
+        bad_map = {k: v for k, v in req.token_map.items()
+                   if not isinstance(k, str) or not isinstance(v, str) or not k.strip() or len(k) > 100 or len(v) > 1000}
+        if bad_map:
+            raise LoraError(f"{req.name}: special_params should map trigger words to token strings (like "
+                            f'{{"TOK": "<s0><s1>"}}, words of 1 to 100 characters), got {str(bad_map)[:80]}')
         n = rows0.shape[0]
         named = [t for v in req.token_map.values() for t in re.findall(r"<[^<>\s]+>", v)]
         tokens = tuple(dict.fromkeys(named)) if len(dict.fromkeys(named)) == n else tuple(f"<s{i}>" for i in range(n))

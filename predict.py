@@ -11,7 +11,6 @@ import dataclasses
 import gc
 import logging
 import os
-import re
 import secrets
 import tempfile
 import time
@@ -52,8 +51,6 @@ SCHEDULER_CHOICES = [
     "DPM2 a",
 ]
 MAX_SEED = 2**32 - 1
-# A1111 UI syntax for LoRAs inside the prompt: we cannot resolve names, and ignoring them would be silent.
-LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 MAX_MORE_LORAS = 6  # more_loras lines
 MAX_LORAS = 8  # LoRAs of one request, lora_weights and extra_lora included
 MAX_LORA_TOTAL_BYTES = weights._env_int("LORA_MAX_TOTAL_BYTES", 6 * weights.GiB)  # all LoRA files of one request
@@ -153,7 +150,10 @@ def check_inputs(
         checkpoint_ref = weights.parse_checkpoint_ref(checkpoint.strip())
         spec = utils.checkpoint_spec(checkpoint_ref.canonical_id, checkpoint_ref.display)
     num_inference_steps = spec.steps if num_inference_steps is None else num_inference_steps
-    expect(isinstance(prompt, str) and prompt.strip() != "", f"prompt: expected non-empty text, got {prompt!r}")
+    # Length first: everything after this reads the text, and all of it must stay cheap.
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
+        prompts.check_prompt_length(text, name)
+    expect(isinstance(prompt, str) and prompt.strip() != "", f"prompt: expected non-empty text, got {prompt!r:.60}")
     expect(aspect_ratio in ASPECT_RATIO_CHOICES, f"aspect_ratio: expected one of {ASPECT_RATIO_CHOICES}, got {aspect_ratio!r}")
     expect(megapixels in MEGAPIXEL_CHOICES, f"megapixels: expected one of {MEGAPIXEL_CHOICES}, got {megapixels!r}")
     expect(output_format in OUTPUT_FORMAT_CHOICES, f"output_format: expected one of {OUTPUT_FORMAT_CHOICES}, got {output_format!r}")
@@ -167,8 +167,9 @@ def check_inputs(
     expect(1 <= clip_skip <= 12, f"clip_skip: expected 1 to 12, got {clip_skip}")
     expect(0.0 <= guidance_rescale <= 1.0, f"guidance_rescale: expected 0 to 1, got {guidance_rescale}")
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
-        tag = LORA_TAG.search(text)
-        expect(tag is None, f"{name}: A1111 LoRA tags like {tag.group(0) if tag else ''} are not read from the "
+        # A1111 UI syntax for LoRAs inside the prompt: we cannot resolve names, and ignoring them would be silent.
+        tag = prompts.find_extra_network_tag(text)
+        expect(tag is None, f"{name}: A1111 LoRA tags like {(tag or '')[:80]} are not read from the "
                "prompt; pass the LoRA in lora_weights / extra_lora instead")
     loras = parse_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale) + parse_more_loras(more_loras)
     expect(len(loras) <= MAX_LORAS, f"more_loras: at most {MAX_LORAS} LoRAs per request (lora_weights, extra_lora "
@@ -213,6 +214,13 @@ def check_inputs(
 
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
+    zero_negative = negative_prompt is None and not spec.negative_prompt
+    negative_prompt = spec.negative_prompt if negative_prompt is None else negative_prompt
+    if embed_metadata and not utils.infotext_fits(output_format, prompt, negative_prompt):
+        raise utils.InputError(
+            f"prompt: with output_format {output_format!r} the generation parameters are written to EXIF, which "
+            f"holds at most {utils.EXIF_MAX_BYTES:,} bytes, and this prompt and negative_prompt need more; use "
+            "output_format png (no limit) or webp, or embed_metadata false")
     return Request(
         hires_scale=float(hires_scale),
         hires_size=utils.hires_size(size[0], size[1], hires_scale) if hires_scale > 1.0 else None,
@@ -223,10 +231,10 @@ def check_inputs(
         spec=spec,
         mode=mode,
         prompt=prompt,
-        negative_prompt=spec.negative_prompt if negative_prompt is None else negative_prompt,
+        negative_prompt=negative_prompt,
         # Omitted and empty in the preset: zero embeddings, as stock diffusers SDXL does; an explicit "" is encoded
         # (A1111's behaviour).
-        zero_negative=negative_prompt is None and not spec.negative_prompt,
+        zero_negative=zero_negative,
         width=size[0],
         height=size[1],
         init_image=init_image,

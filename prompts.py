@@ -15,6 +15,11 @@ Prompt syntax (A1111's ``parse_prompt_attention``; see :func:`parse_prompt_atten
     unbalanced brackets close at the end of the text, adjacent fragments of equal weight merge, and ``BREAK``
     (uppercase, a separate word) starts a new 77-token chunk.
 
+    Limits (so that hostile text cannot stall the server): every parser here runs in time linear in the text (no
+    regular expression that backtracks over runs of whitespace or unclosed tags), at most :data:`MAX_BRACKET_DEPTH`
+    brackets may be open at once, and predict.py refuses prompts over :data:`MAX_PROMPT_CHARS` characters
+    (:func:`check_prompt_length`) before anything else reads them.
+
     Not handled here (the caller's job, or not supported):
       * LoRA / extra-network tags ``<lora:name:weight>``: A1111 removes them before parsing. This module encodes
         them as ordinary text (the parser does not drop them, so a mistake is visible); the caller must strip them
@@ -70,11 +75,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_BRACKET_DEPTH",
     "MAX_CHUNKS",
+    "MAX_PROMPT_CHARS",
     "PromptEmbeds",
     "PromptError",
     "TokenChunk",
+    "check_prompt_length",
     "encode_prompts",
+    "find_extra_network_tag",
     "parse_prompt_attention",
     "token_spans",
 ]
@@ -83,6 +92,16 @@ CHUNK_TOKENS = 75  # text tokens per chunk; + BOS + EOS = 77, CLIP's context len
 CONTEXT_LENGTH = CHUNK_TOKENS + 2
 COMMA_BACKTRACK = 20  # A1111's default opts.comma_padding_backtrack
 MAX_CHUNKS = 16  # 1200 text tokens per prompt
+# Characters per prompt. 1200 tokens (MAX_CHUNKS) of even heavily weighted Danbooru text, "(long hair:1.2), " at
+# about 8 characters a token, is under 10 000 characters, so no prompt that could be encoded is refused; and the
+# bound keeps the work of every parser below (all linear) and the A1111 metadata of the outputs small.
+MAX_PROMPT_CHARS = 10_000
+# Brackets open at once. A1111 has no limit, but 1.1**100 is already a weight of 13 780 (garbage), and the
+# depth bounds how often a fragment's weight is multiplied: parsing stays O(length x depth), never quadratic.
+MAX_BRACKET_DEPTH = 100
+# What the parser itself accepts: room beyond MAX_PROMPT_CHARS (which predict.py checks on the user's text) for
+# quality tags and LoRA trigger words expanded into PTI tokens (TOK -> <s0><s1>).
+MAX_PARSE_CHARS = 4 * MAX_PROMPT_CHARS
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 
@@ -111,8 +130,43 @@ _ATTENTION_RE = re.compile(
     """,
     re.VERBOSE,
 )
-_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
-_EXTRA_NETWORK_RE = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+# A word-bounded BREAK; the whitespace around it is stripped by _split_breaks in Python. (The regex
+# "\s*\bBREAK\b\s*" that split it before re-scans a whitespace run from every one of its positions: quadratic,
+# 16 s for 16 000 spaces.) A fixed word between two \b checks is found in linear time.
+_BREAK_RE = re.compile(r"\bBREAK\b")
+# The opening of an A1111 extra-network tag <lora:name:weight>; the closing ">" is looked for with str.find, once
+# (the regex "<lora:[^>]*>" scans to the end of the text from every "<lora:" when there is no ">": quadratic).
+_EXTRA_NETWORK_OPEN_RE = re.compile(r"<(?:lora|lyco|hypernet):", re.IGNORECASE)
+
+
+def check_prompt_length(text: str, input_name: str, limit: int = MAX_PROMPT_CHARS) -> None:
+    """Refuse a prompt over `limit` characters, before any parsing or tokenising."""
+    if isinstance(text, str) and len(text) > limit:
+        raise PromptError(input_name, f"too long: expected at most {limit:,} characters, got {len(text):,} (at "
+                          f"most {MAX_CHUNKS * CHUNK_TOKENS} tokens are encoded)")
+
+
+def find_extra_network_tag(text: str) -> str | None:
+    """The first A1111 extra-network tag (``<lora:name:0.8>``, ``<lyco:...>``, ``<hypernet:...>``) in the text, or
+    None; the same match as ``re.search(r"<(?:lora|lyco|hypernet):[^>]*>", text, re.I)``, in linear time."""
+    opening = _EXTRA_NETWORK_OPEN_RE.search(text)
+    if opening is None:
+        return None
+    end = text.find(">", opening.end())
+    # No ">" after the first opening means none after any later one either: no tag at all.
+    return None if end < 0 else text[opening.start() : end + 1]
+
+
+def _split_breaks(piece: str) -> list[str]:
+    """``re.split(r"\s*\bBREAK\b\s*", piece)`` in linear time: the parts around each BREAK, whitespace at the
+    BREAK side stripped (str.strip's whitespace is re's \s for str patterns)."""
+    parts = _BREAK_RE.split(piece)
+    if len(parts) == 1:
+        return parts
+    return [
+        part.lstrip() if i == len(parts) - 1 else (part.rstrip() if i == 0 else part.strip())
+        for i, part in enumerate(parts)
+    ]
 
 
 @dataclass
@@ -125,11 +179,14 @@ class _Fragment:
 def _parse(text: str, input_name: str) -> list[_Fragment]:
     if not isinstance(text, str):
         raise PromptError(input_name, f"must be a string, got {type(text).__name__}")
+    check_prompt_length(text, input_name, MAX_PARSE_CHARS)
     res: list[_Fragment] = []
     round_open: list[int] = []
     square_open: list[int] = []
 
     def multiply_from(start: int, multiplier: float) -> None:
+        # Only fragments added while this bracket was open: with at most MAX_BRACKET_DEPTH brackets open, a
+        # fragment is multiplied at most that many times, so the whole parse is linear in the text.
         for frag in res[start:]:
             if not frag.is_break:  # A1111 would scale the BREAK marker too and then encode "BREAK" as text
                 frag.weight *= multiplier
@@ -138,10 +195,11 @@ def _parse(text: str, input_name: str) -> list[_Fragment]:
         piece, weight = m.group(0), m.group("weight")
         if piece.startswith("\\"):
             res.append(_Fragment(piece[1:], 1.0))
-        elif piece == "(":
-            round_open.append(len(res))
-        elif piece == "[":
-            square_open.append(len(res))
+        elif piece in ("(", "["):
+            if len(round_open) + len(square_open) >= MAX_BRACKET_DEPTH:
+                raise PromptError(input_name, f"brackets nested too deep: expected at most {MAX_BRACKET_DEPTH} "
+                                  f"open brackets at once, got more at character {m.start()}")
+            (round_open if piece == "(" else square_open).append(len(res))
         elif weight is not None and round_open:
             try:
                 value = float(weight)
@@ -153,7 +211,7 @@ def _parse(text: str, input_name: str) -> list[_Fragment]:
         elif piece == "]" and square_open:
             multiply_from(square_open.pop(), SQUARE_MULTIPLIER)
         else:  # text, a stray ':' / ')' / ']' or ':number)' without an open '(': all literal text
-            for i, part in enumerate(_BREAK_RE.split(piece)):
+            for i, part in enumerate(_split_breaks(piece)):
                 if i > 0:
                     res.append(_Fragment("BREAK", -1.0, is_break=True))
                 res.append(_Fragment(part, 1.0))
@@ -174,13 +232,19 @@ def _parse(text: str, input_name: str) -> list[_Fragment]:
     if not res:
         res = [_Fragment("", 1.0)]
 
-    merged: list[_Fragment] = [res[0]]
-    for frag in res[1:]:
-        last = merged[-1]
-        if not frag.is_break and not last.is_break and frag.weight == last.weight:
-            last.text += frag.text
+    # Adjacent fragments of equal weight merge; texts are joined once per run (not "+=" per fragment, which copies
+    # the growing text again for each of thousands of one-character fragments).
+    merged: list[_Fragment] = []
+    texts: list[list[str]] = []
+    for frag in res:
+        last = merged[-1] if merged else None
+        if last is not None and not frag.is_break and not last.is_break and frag.weight == last.weight:
+            texts[-1].append(frag.text)
         else:
             merged.append(frag)
+            texts.append([frag.text])
+    for frag, parts in zip(merged, texts):
+        frag.text = "".join(parts)
     return merged
 
 
@@ -419,11 +483,12 @@ def encode_prompts(
 
     parsed = {name: _parse(text, name) for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt))}
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if _EXTRA_NETWORK_RE.search(text):
+        tag = find_extra_network_tag(text)
+        if tag is not None:
             logger.warning(
                 "%s contains an extra-network tag (%s) that will be encoded as text; strip LoRA tags before encoding",
                 name,
-                _EXTRA_NETWORK_RE.search(text).group(0),
+                tag[:80],
             )
     zero_negative = zero_empty_negative and not negative_prompt.strip()
 

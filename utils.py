@@ -129,38 +129,92 @@ def check_custom_size(width: int | None, height: int | None) -> tuple[int, int]:
 
 
 # --- Input images -------------------------------------------------------------------------------------------------
-def open_image(path: str | os.PathLike, input_name: str) -> Image.Image:
-    """Open a user image lazily and refuse non-images and oversized ones before decoding the pixels."""
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")  # what the README promises; Pillow's other decoders are never run
+# Leading bytes of formats people send by mistake, so that a refusal can say what came (never used to decode).
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"GIF8", "GIF"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x01\xda", "SGI"), (b"8BPS", "PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"%PDF", "PDF"), (b"<svg", "SVG"), (b"qoif", "QOI"), (b"DDS ", "DDS"),
+)
+# Background that transparent pixels are flattened onto: white for images (A1111's default img2img background
+# colour), black for masks (transparent = not painted = kept).
+_IMAGE_BACKGROUND, _MASK_BACKGROUND = (255, 255, 255), 0
+
+
+def _sniff_format(path: str | os.PathLike) -> str:
     try:
-        image = Image.open(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return "an unreadable file"
+    name = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
+    if name is None and head[4:8] == b"ftyp":
+        name = "HEIF/AVIF"
+    if name is None and len(head) > 2 and head[0] == 0x0A and head[1] in (0, 2, 3, 4, 5) and head[2] == 1:
+        name = "PCX"  # manufacturer byte, version, RLE encoding
+    if name is not None:
+        return f"a file in {name} format"
+    return "a file that is not one" if head else "an empty file"
+
+
+def open_image(path: str | os.PathLike, input_name: str) -> Image.Image:
+    """Open a user image lazily, only as PNG, JPEG or WebP, and refuse others and oversized ones before decoding
+    the pixels."""
+    try:
+        image = Image.open(path, formats=INPUT_FORMATS)
     except Image.DecompressionBombError as err:  # PIL refuses over 2x its own limit before we see the size
         raise InputError(f"{input_name}: expected at most {MAX_INPUT_PIXELS} pixels (4096x4096), got a larger "
                          f"image ({err})") from err
     except (OSError, ValueError) as err:
-        raise InputError(f"{input_name}: expected a PNG, JPEG or WebP image, got a file that is not one") from err
+        raise InputError(f"{input_name}: expected a PNG, JPEG or WebP image, got {_sniff_format(path)}") from err
     w, h = image.size
     if w * h > MAX_INPUT_PIXELS:
         raise InputError(f"{input_name}: expected at most {MAX_INPUT_PIXELS} pixels (4096x4096), got {w}x{h}")
     return image
 
 
-def load_rgb(image: Image.Image, size: tuple[int, int], input_name: str) -> Image.Image:
+def _to_8bit(image: Image.Image, input_name: str) -> Image.Image:
+    """16- and 32-bit integer grayscale to 8-bit L by value range (Pillow's convert("L") clips them at 255, so a
+    16-bit PNG came out nearly all white); other modes unchanged. Float images cannot come from PNG/JPEG/WebP."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+
+        values = np.asarray(image.convert("I") if image.mode != "I" else image, dtype=np.int64)
+        # PNG's 16-bit grayscale (Pillow gives "I;16", or "I" in some versions) spans 0..65535.
+        scaled = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise InputError(f"{input_name}: expected an 8- or 16-bit image, got 32-bit floating point pixels")
+    return image
+
+
+def _flatten(image: Image.Image, input_name: str, mode: str, background) -> Image.Image:
+    """`image` in `mode` ("RGB" or "L"), every pixel mode handled by value: 16-bit scaled, 1-bit to 0/255, palette
+    through its colours, CMYK through Pillow's conversion, and transparency (alpha, or a palette's or grayscale
+    image's transparent colour) flattened onto `background`."""
     try:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        image = _to_8bit(image, input_name)
+        transparent = "A" in image.getbands() or "transparency" in image.info
+        if transparent:
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGBA", rgba.size, (*background, 255) if isinstance(background, tuple)
+                             else (background, background, background, 255))
+            image = Image.alpha_composite(flat, rgba)
+        return image.convert(mode)
     except (OSError, ValueError) as err:
         raise InputError(f"{input_name}: expected a complete PNG, JPEG or WebP image, got one that could not be "
                          f"decoded ({err})") from err
-    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def load_rgb(image: Image.Image, size: tuple[int, int], input_name: str) -> Image.Image:
+    return _flatten(image, input_name, "RGB", _IMAGE_BACKGROUND).resize(size, Image.Resampling.LANCZOS)
 
 
 def load_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Inpainting mask: white is repainted, black is kept (diffusers' and Replicate SDXL's convention)."""
-    try:
-        mask = ImageOps.exif_transpose(image).convert("L")
-    except (OSError, ValueError) as err:
-        raise InputError(f"mask: expected a complete PNG, JPEG or WebP image, got one that could not be "
-                         f"decoded ({err})") from err
-    return mask.resize(size, Image.Resampling.NEAREST)
+    """Inpainting mask: white is repainted, black is kept (diffusers' and Replicate SDXL's convention); transparent
+    parts count as black."""
+    return _flatten(image, "mask", "L", _MASK_BACKGROUND).resize(size, Image.Resampling.NEAREST)
 
 
 # --- Schedulers (A1111 names -> diffusers class and overrides), as data --------------------------------------------
@@ -619,6 +673,50 @@ def lora_hashes(names_and_sha256: list[tuple[str, str]]) -> str:
     return ", ".join(f"{name.replace(':', '_').replace(',', '_')}: {sha[:10]}" for name, sha in names_and_sha256)
 
 
+# A JPEG APP1 segment holds at most 65 533 bytes of EXIF (Pillow refuses more with "EXIF data is too long"); WebP's
+# EXIF chunk and PNG's text chunk have no such limit.
+EXIF_MAX_BYTES = 65_533
+# Room kept for the settings line of the infotext (sampler, sizes, LoRA names and hashes) when predict.py checks,
+# before generating, that a prompt fits.
+INFOTEXT_SETTINGS_ROOM = 4096
+_TRUNCATED = " [truncated: the full text does not fit in EXIF]"
+
+
+def _exif_bytes(parameters: str) -> bytes:
+    exif = Image.Exif()
+    exif.endian = ">"  # big-endian TIFF header, matching the UTF-16-BE comment (as A1111/piexif write it)
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def infotext_fits(output_format: str, prompt: str, negative_prompt: str) -> bool:
+    """Whether the A1111 infotext of these prompts (with INFOTEXT_SETTINGS_ROOM bytes for the settings line) fits
+    the output format's metadata: only JPEG's EXIF is bounded. Checked before generation, so that a prompt whose
+    metadata cannot be written is refused at once, not after the whole generation."""
+    if OUTPUT_FORMATS.get(output_format, ("PNG",))[0] != "JPEG":
+        return True
+    text = a1111_parameters(prompt, negative_prompt, {})
+    return len(_exif_bytes(text)) + INFOTEXT_SETTINGS_ROOM <= EXIF_MAX_BYTES
+
+
+def _fit_exif(parameters: str) -> bytes:
+    """EXIF bytes of the infotext; should it not fit (predict.py refuses such prompts before generation, so only
+    a settings line beyond INFOTEXT_SETTINGS_ROOM could do it), the prompt part is cut with a visible note and the
+    settings line kept, rather than failing a finished generation."""
+    data = _exif_bytes(parameters)
+    if len(data) <= EXIF_MAX_BYTES:
+        return data
+    head, _, settings = parameters.rpartition("\n")
+    excess_units = (len(data) - EXIF_MAX_BYTES) // 2 + len(_TRUNCATED) + 1
+    keep = head.encode("utf-16-be")[: max(0, 2 * (len(head.encode("utf-16-be")) // 2 - excess_units))]
+    text = keep.decode("utf-16-be", errors="ignore") + _TRUNCATED + "\n" + settings
+    data = _exif_bytes(text)
+    if len(data) > EXIF_MAX_BYTES:  # the settings line alone is too long: keep what fits of it
+        data = _exif_bytes(text[: (EXIF_MAX_BYTES - 200) // 2])
+    logger.warning("infotext of %d characters cut to fit JPEG's EXIF limit", len(parameters))
+    return data
+
+
 def _metadata_kwargs(pil_format: str, parameters: str | None) -> dict:
     if parameters is None:
         return {}
@@ -628,10 +726,9 @@ def _metadata_kwargs(pil_format: str, parameters: str | None) -> dict:
         info = PngInfo()
         info.add_text("parameters", parameters)
         return {"pnginfo": info}
-    exif = Image.Exif()
-    exif.endian = ">"  # big-endian TIFF header, matching the UTF-16-BE comment (as A1111/piexif write it)
-    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
-    return {"exif": exif.tobytes()}
+    if pil_format == "JPEG":
+        return {"exif": _fit_exif(parameters)}
+    return {"exif": _exif_bytes(parameters)}
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:

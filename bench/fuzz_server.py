@@ -41,6 +41,17 @@ tests input handling, not retry timing). Without unshare (not root), every URL-s
 (any scheme://host, and the bare hosts weights.py completes to https) is rewritten to that dead loopback port
 before sending; `isolation` in the results says which mode ran.
 
+Hostile shapes (--hostile-share, default 0.2 of the cases): besides schemathesis' requests, hand-made generators
+(Hypothesis strategies, so seeded like the rest) send what issue 14 found that random schema data does not reach:
+long runs of whitespace (with and without BREAK), deeply nested or unclosed brackets, repeated "<lora:" openings,
+":" followed by long runs of spaces or digits, escape runs, emoji prompts whose JPEG metadata cannot fit, prompts
+just under and far over the length bound; and odd images as data: URIs for image/mask: 16-bit grayscale, 1-bit,
+LA, palette with transparency, CMYK JPEG, RGBA WebP, and formats that must be refused (TIFF, BMP, GIF, ICO, PCX),
+truncated files and 1x1 images. Their work is small (256x256, one step). They are checked like every other case
+(an answer within --timeout, READY after it, a clear error naming an input or the right number of outputs) and
+counted under modes["hostile"] and hostile_kinds. Hostile PEFT metadata in LoRA files is out of the server fuzz's
+reach (no LoRA host in the namespace); test_folder/test_hostile_inputs.py covers it.
+
 --small-work (the short run in test_folder/test_fuzz.py only): valid values of the inputs that set the amount of
 denoising work are mapped to small valid ones before sending (num_inference_steps to 1, hires_steps to 2,
 num_outputs to 1, custom width/height to 256 plus their remainder mod 8 (a non-multiple of 8 stays one), presets at 0.25 MP, hires_scale
@@ -161,6 +172,104 @@ def keep_work_small(inputs: dict, presets: list[str]) -> None:
         inputs["hires_scale"] = 1.0 + (inputs["hires_scale"] - 1.0) / 4
 
 
+# ------------------------------------------------------------------------------------------------ hostile shapes
+HOSTILE_HEADER = "X-Fuzz-Hostile"
+HOSTILE_SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1}
+WHITESPACE = [" ", "\t", "\n", "\u3000", "\u00a0", "\r\n"]
+
+
+def hostile_prompt(st):
+    """A strategy of (kind, text): the prompt shapes that once made the parsers quadratic or failed late."""
+    n = st.integers(min_value=1, max_value=60_000)
+    space = st.sampled_from(WHITESPACE)
+    word = st.sampled_from(["", "x", "1girl", "BREAK", "cat,"])
+    return st.one_of(
+        st.tuples(word, space, n, word).map(lambda t: ("whitespace run", t[0] + t[1] * t[2] + t[3])),
+        st.tuples(space, st.integers(1, 6000)).map(lambda t: ("BREAK around whitespace",
+                                                               (t[0] * t[1]).join(["x", "BREAK", "y"]))),
+        st.tuples(st.sampled_from(["(", "[", "(a", "[(", "((a:1.2)"]), st.integers(1, 12_000), st.booleans()).map(
+            lambda t: ("nested brackets", t[0] * t[1] + "x" + (")" * t[1] if t[2] else ""))),
+        st.tuples(st.sampled_from(["<lora:", "<LyCo:", "<hypernet:x"]), st.integers(1, 50_000), st.booleans()).map(
+            lambda t: ("extra-network openings", t[0] * t[1] + (">" if t[2] else ""))),
+        st.tuples(st.sampled_from([" ", "9", "1.", "+"]), n).map(lambda t: ("colon run", "(a:" + t[0] * t[1])),
+        st.tuples(st.sampled_from(["\\ ", "\\(", "\\", "\\\\"]), st.integers(1, 30_000)).map(
+            lambda t: ("escape run", "cat " + t[0] * t[1])),
+        st.integers(1, 20_000).map(lambda k: ("BREAK run", "BREAK " * k)),
+        st.integers(1, 12_000).map(lambda k: ("emoji", "\U0001F600" * k)),
+        st.integers(9_990, 10_010).map(lambda k: ("at the length bound", ("1girl, " * 1500)[:k])),
+    )
+
+
+def _png(image, fmt: str = "PNG", **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def odd_image(kind: str, seed: int) -> tuple[str, bytes]:
+    """(mime type, file bytes) of an odd image of the given kind."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    if kind == "16-bit gray":
+        return "image/png", _png(Image.fromarray(rng.integers(0, 65536, (64, 64), dtype=np.uint16)))
+    if kind == "1-bit":
+        return "image/png", _png(Image.fromarray(rng.integers(0, 2, (64, 64), dtype=np.uint8) * 255).convert("1"))
+    if kind == "LA":
+        return "image/png", _png(Image.fromarray(rng.integers(0, 256, (64, 64, 2), dtype=np.uint8), mode="LA"))
+    if kind == "palette with transparency":
+        image = Image.fromarray(rng.integers(0, 4, (64, 64), dtype=np.uint8), mode="P")
+        image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 255, 255, 255] + [0] * 756)
+        return "image/png", _png(image, transparency=0)
+    if kind == "CMYK JPEG":
+        return "image/jpeg", _png(Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), mode="CMYK"),
+                                  "JPEG")
+    if kind == "RGBA WebP":
+        return "image/webp", _png(Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), mode="RGBA"),
+                                  "WEBP")
+    if kind == "1x1":
+        return "image/png", _png(Image.new("RGB", (1, 1), (200, 10, 10)))
+    if kind == "truncated PNG":
+        return "image/png", _png(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))[:300]
+    fmt = {"TIFF": "TIFF", "BMP": "BMP", "GIF": "GIF", "ICO": "ICO", "PCX": "PCX"}[kind]
+    return f"image/{fmt.lower()}", _png(Image.new("RGB", (64, 64), (10, 20, 30)), fmt)
+
+
+ODD_IMAGES = ["16-bit gray", "1-bit", "LA", "palette with transparency", "CMYK JPEG", "RGBA WebP", "1x1",
+              "truncated PNG", "TIFF", "BMP", "GIF", "ICO", "PCX"]
+
+
+def hostile_kind(case) -> str | None:
+    return (case.headers or {}).get(HOSTILE_HEADER)
+
+
+def hostile_case(operation, st):
+    """A strategy of schemathesis Cases whose input is one hostile shape (prompt text or odd images)."""
+    import base64
+
+    def build(choice):
+        kind, inputs = choice
+        # The kind travels in a header (Case has slots; coglet ignores the header), for the results' tally.
+        return operation.Case(body={"input": {"prompt": "a cat", **HOSTILE_SMALL, **inputs}},
+                              media_type="application/json", headers={HOSTILE_HEADER: kind})
+
+    def uri(kind: str, seed: int) -> str:
+        mime, data = odd_image(kind, seed)
+        return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+    text = st.tuples(hostile_prompt(st), st.sampled_from(["prompt", "negative_prompt"]),
+                     st.sampled_from(["webp", "jpg", "png"])).map(
+        lambda t: (f"{t[0][0]} in {t[1]}", {t[1]: t[0][1], "output_format": t[2]}))
+    images = st.tuples(st.sampled_from(ODD_IMAGES), st.sampled_from([None] + ODD_IMAGES), st.integers(0, 2**16)).map(
+        lambda t: (f"image {t[0]}" + (f", mask {t[1]}" if t[1] else ""),
+                   {"image": uri(t[0], t[2]), **({"mask": uri(t[1], t[2] + 1)} if t[1] else {}),
+                    "prompt_strength": 1.0}))
+    return st.one_of(text, images).map(build)
+
+
 # ------------------------------------------------------------------------------------------------ oracle
 class Oracle:
     """What coglet should answer, from the same schema it validates with."""
@@ -227,6 +336,7 @@ def _host(value: str) -> str:
 class Stats:
     count: int = 0
     modes: dict = field(default_factory=dict)
+    hostile_kinds: dict = field(default_factory=dict)
     expected_valid: int = 0
     expected_invalid: int = 0
     envelope_only: dict = field(default_factory=dict)
@@ -458,6 +568,8 @@ def _inputs(case) -> dict:
 
 
 def _mode(case) -> str:
+    if hostile_kind(case):
+        return "hostile"
     meta = getattr(case, "meta", None)
     mode = getattr(getattr(meta, "generation", None), "mode", None)
     return str(getattr(mode, "value", mode))
@@ -495,8 +607,11 @@ def fuzz(server, args, dead: DeadPort, isolated: bool) -> Stats:
     operation = schema["/predictions"]["POST"]
     fuzzer = Fuzzer(server, Oracle(raw), args, dead, isolated)
     RUNNING.append(fuzzer)
-    strategy = st.one_of(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
-                         operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+    generated = st.one_of(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+                          operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+    hostile = hostile_case(operation, st)
+    share = round(args.hostile_share * 1000)
+    strategy = st.integers(0, 999).flatmap(lambda r: hostile if r < share else generated)
     progress = max(1, args.cases // 20)
 
     @seed(args.seed)
@@ -506,6 +621,8 @@ def fuzz(server, args, dead: DeadPort, isolated: bool) -> Stats:
     def run(case) -> None:
         if fuzzer.stats.count >= args.cases:
             return
+        if hostile_kind(case):
+            fuzzer.stats.bump(fuzzer.stats.hostile_kinds, hostile_kind(case))
         fuzzer.run_case(case)
         if fuzzer.stats.count % progress == 0:
             s = fuzzer.stats
@@ -542,6 +659,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--grace", type=float, default=120.0,
                         help="seconds the server may take to be READY again after a request")
     parser.add_argument("--small-work", action="store_true", help="the short run's small valid sizes/steps")
+    parser.add_argument("--hostile-share", type=float, default=0.2,
+                        help="share of cases from the hand-made hostile generators (default 0.2)")
     parser.add_argument("--weights", type=Path, help="WEIGHTS_DIR (default: the tiny model, built if needed)")
     parser.add_argument("--no-netns", action="store_true", help="do not use a network namespace (URL rewriting)")
     args = parser.parse_args(argv)
@@ -594,6 +713,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "count": stats.count,
         "interrupted": interrupted,
         "modes": stats.modes,
+        "hostile_kinds": dict(sorted(stats.hostile_kinds.items(), key=lambda kv: -kv[1])),
         "expected_valid": stats.expected_valid,
         "expected_invalid": stats.expected_invalid,
         "envelope_only_invalid_by_status": stats.envelope_only,
@@ -618,7 +738,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "wall_s": round(wall, 1),
         "rate_per_s": round(stats.count / wall, 2) if wall else None,
         "settings": {"cases": args.cases, "seed": args.seed, "timeout_s": args.timeout, "grace_s": args.grace,
-                     "small_work": args.small_work,
+                     "small_work": args.small_work, "hostile_share": args.hostile_share,
                      "isolation": "network namespace (unshare --net)" if isolated else "URL rewriting to loopback"},
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

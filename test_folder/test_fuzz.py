@@ -6,6 +6,7 @@ its docstring) with a fixed seed, so the generated requests are the same on ever
 and Hypothesis versions. It uses --small-work: valid step counts, sizes, output counts and hires scales are mapped
 to small valid values before sending (invalid ones are sent unchanged), because a valid 1024x1024 28-step
 prediction takes about 30 s with the tiny model on this CPU and a few hundred cases must fit in the test budget.
+About a fifth of the cases come from the fuzzer's hostile generators (--hostile-share 0.2, its default).
 The full-schema run of 10 000 cases is the benchmark (bench/NOTES.md).
 """
 
@@ -46,6 +47,8 @@ def test_short_fuzz_run_has_no_crash_server_error_hang_or_unclear_error(tmp_path
     assert result["by_status"].get("422", 0) > 0 and result["by_status"].get("200", 0) > 0
     assert result["prediction_status"].get("succeeded", 0) > 0
     assert result["modes"].get("positive", 0) > 0 and result["modes"].get("negative", 0) > 0
+    # And issue 14's hand-made hostile shapes (long whitespace, nested brackets, "<lora:" runs, odd images).
+    assert result["modes"].get("hostile", 0) > 0 and result["hostile_kinds"]
 
 
 @pytest.mark.parametrize(
