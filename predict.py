@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 from cog import BasePredictor, Input, Path, Secret
 
+import control
 import lora
+import preprocess
 import prompts
 import stepcache
 import utils
@@ -34,6 +36,7 @@ ASPECT_RATIO_CHOICES = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4"
 MEGAPIXEL_CHOICES = ["1", "0.25"]
 OUTPUT_FORMAT_CHOICES = ["webp", "jpg", "png"]
 HIRES_UPSCALER_CHOICES = ["latent", "lanczos"]
+CONTROL_TYPE_CHOICES = ["canny", "depth", "openpose", "lineart", "lineart_anime", "softedge", "scribble", "tile"]
 SCHEDULER_CHOICES = [
     "default",
     "Euler a",
@@ -93,6 +96,7 @@ class Request:
     safety_checker: bool
     checkpoint: Optional[weights.WeightsRef] = None  # a custom checkpoint instead of the baked models
     go_fast: bool = False  # step caching (stepcache.py): faster, changes the image
+    control: Optional[control.ControlRequest] = None  # a ControlNet unit (control.py); None: no control acts
 
 
 def check_inputs(
@@ -128,6 +132,12 @@ def check_inputs(
     use_standard_sdxl: bool,
     checkpoint: Optional[str] = None,
     go_fast: bool = False,
+    control_image=None,
+    control_type: str = control.DEFAULT_CONTROL_TYPE,
+    control_preprocess: bool = True,
+    control_strength: float = 1.0,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -197,6 +207,11 @@ def check_inputs(
                f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
                "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
 
+    control_request = control.check_control(control_image, control_type, control_preprocess, control_strength,
+                                            control_start, control_end, size)
+    expect(control_request is None or not go_fast, "go_fast: step caching does not run with a control_image; set "
+           "go_fast to false")
+
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
     return Request(
@@ -230,6 +245,7 @@ def check_inputs(
         safety_checker=not disable_safety_checker,
         checkpoint=checkpoint_ref,
         go_fast=bool(go_fast),
+        control=control_request,
     )
 
 
@@ -267,6 +283,7 @@ class Predictor(BasePredictor):
         self.lora_cache = weights.LoraCache.from_env()
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
+        self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -432,6 +449,35 @@ class Predictor(BasePredictor):
             "UserComment), readable by A1111's PNG Info and CivitAI.",
             default=True,
         ),
+        control_image: Optional[Path] = Input(
+            description="ControlNet: an image to control the composition with (edges, depth, pose, ... are "
+            "extracted from it as control_type says). Fitted to the output size as A1111's \"Crop and Resize\": "
+            "scaled to cover it, the overflow cut off equally on both sides.",
+            default=None,
+        ),
+        control_type: str = Input(
+            description="What control_image controls: canny edges, depth, openpose, lineart, lineart_anime, "
+            "softedge, scribble or tile (all served by the baked union ControlNet). Built-in preprocessors: canny, "
+            "scribble, tile; for the others pass the map itself with control_preprocess=false.",
+            choices=CONTROL_TYPE_CHOICES,
+            default=control.DEFAULT_CONTROL_TYPE,
+        ),
+        control_preprocess: bool = Input(
+            description="Extract the control_type map from control_image; false: control_image already is that map "
+            "(e.g. a pose skeleton from another tool).",
+            default=True,
+        ),
+        control_strength: float = Input(
+            description="ControlNet strength (A1111's control weight); 0 = no control.", default=1.0, ge=0.0, le=2.0
+        ),
+        control_start: float = Input(
+            description="Fraction of the denoising steps where the control starts acting.", default=0.0, ge=0.0,
+            le=1.0,
+        ),
+        control_end: float = Input(
+            description="Fraction of the denoising steps where the control stops acting.", default=1.0, ge=0.0,
+            le=1.0,
+        ),
     ) -> list[Path]:
         started = time.perf_counter()
         request = check_inputs(
@@ -466,6 +512,12 @@ class Predictor(BasePredictor):
             use_standard_sdxl=use_standard_sdxl,
             checkpoint=checkpoint,
             go_fast=go_fast,
+            control_image=control_image,
+            control_type=control_type,
+            control_preprocess=control_preprocess,
+            control_strength=control_strength,
+            control_start=control_start,
+            control_end=control_end,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
@@ -496,7 +548,8 @@ class Predictor(BasePredictor):
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
             images = self.generate(request, seed)
-        parameters = self.parameters(request, seed, fetched) if request.embed_metadata else None
+        parameters = (self.parameters(request, seed, fetched, self.unit_parameters(request))
+                      if request.embed_metadata else None)
 
         if request.safety_checker:
             phase = time.perf_counter()
@@ -607,8 +660,16 @@ class Predictor(BasePredictor):
                                    f"got {request.clip_skip}")
         utils.make_scheduler(request.scheduler, model.scheduler_config)
 
+    def unit_parameters(self, request: Request) -> dict[str, str]:
+        """The A1111 extensions' infotext entries of this request's control unit."""
+        if request.control is None:
+            return {}
+        return {"ControlNet 0": control.infotext(request.control, self.controlnets.title,
+                                                 (request.width, request.height))}
+
     @staticmethod
-    def parameters(request: Request, seed: int, fetched: list[weights.LoraFile]) -> list[str]:
+    def parameters(request: Request, seed: int, fetched: list[weights.LoraFile],
+                   extra: Optional[dict[str, str]] = None) -> list[str]:
         """Each image's A1111 infotext (its own seed); built from token-free values only."""
         hashes = utils.lora_hashes([(file.ref.display, file.sha256) for file in fetched])
         texts = []
@@ -629,6 +690,7 @@ class Predictor(BasePredictor):
                 if request.hires_size else None,
                 "Lora hashes": hashes or None,
                 "Step cache interval": stepcache.DEFAULT_INTERVAL if request.go_fast else None,
+                **(extra or {}),
                 "Version": "sdxl-lora-cog",
             }
             if request.hires_size:
@@ -674,7 +736,8 @@ class Predictor(BasePredictor):
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
-        pipe = model.pipeline(request.mode, fast=request.go_fast)
+        run = self.control_run(request)
+        pipe = control.pipeline(model, request.mode, request.go_fast, run, (request.width, request.height))
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
         # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to.
@@ -704,7 +767,7 @@ class Predictor(BasePredictor):
         if request.hires_size is None:
             images = pipe(**kwargs).images
         else:
-            images = self.hires_fix(request, model, pipe, kwargs)
+            images = self.hires_fix(request, model, pipe, kwargs, run)
         width, height = request.hires_size or (request.width, request.height)
         logger.info(
             "generated %d %dx%d images (%s, %s, %d steps) in %.2fs",
@@ -713,8 +776,21 @@ class Predictor(BasePredictor):
         )
         return images
 
+    def control_run(self, request: Request) -> Optional[control.ControlRun]:
+        """The request's ControlNet (loaded on first use) and control map, or None without control."""
+        if request.control is None:
+            return None
+        phase = time.perf_counter()
+        controlnet = self.controlnets.get()
+        unit = request.control
+        control_map = preprocess.control_map(unit.type, unit.image, unit.preprocess)
+        logger.info("control map %s (%s) in %.3fs", unit.type, "extracted" if unit.preprocess else "given",
+                    time.perf_counter() - phase)
+        return control.ControlRun(request=unit, controlnet=controlnet, map=control_map)
+
     @staticmethod
-    def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict) -> list:
+    def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict,
+                  run: Optional[control.ControlRun] = None) -> list:
         """A1111's hires fix: first pass, upscale (latents or pixels), then an img2img pass at the final size."""
         phase = time.perf_counter()
         latent = request.hires_upscaler == "latent"
@@ -723,7 +799,7 @@ class Predictor(BasePredictor):
             upscaled = utils.upscale_latents(first, request.hires_size)
         else:
             upscaled = utils.upscale_images(first, request.hires_size)
-        refine = model.pipeline("img2img", fast=request.go_fast)
+        refine = control.pipeline(model, "img2img", request.go_fast, run, request.hires_size)
         refine.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength", "mask_image")}
         second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps)

@@ -14,6 +14,7 @@ Layout (the same as script/download_weights writes for the real weights):
     DIR/sdxl-base/           the same for standard SDXL base 1.0
     DIR/sdxl-vae-fp16-fix/   AutoencoderKL shared by both models
     DIR/safety-checker/      StableDiffusionSafetyChecker with its preprocessor_config.json
+    DIR/controlnet-union-promax/  ControlNetUnionModel with the union promax model's 8 control types
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402  (the layout is defined once, in utils.py)
+from control import CONTROLNET_DIR  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.
@@ -235,12 +237,40 @@ def build_safety_checker(folder: Path, seed: int) -> None:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
 
 
+def build_controlnet(folder: Path, unet_folder: Path, seed: int) -> None:
+    """A union ControlNet for the tiny UNet, built directly (from_unet would give 6 control types, promax has 8)."""
+    from diffusers import ControlNetUnionModel
+
+    unet = json.loads((unet_folder / "config.json").read_text())
+    copied = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+              "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+              "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+              "norm_num_groups", "upcast_attention")
+    width = unet["block_out_channels"][0]
+    torch.manual_seed(seed)
+    controlnet = ControlNetUnionModel(
+        **{name: unet[name] for name in copied},
+        conditioning_embedding_out_channels=(4, 8, 8, 16),  # three stride-2 convs: the map is 8x the latent
+        num_control_type=8,
+        num_trans_channel=width,  # the forward adds both to the conditioning features (block_out_channels[0])
+        num_proj_channel=width,
+        num_trans_head=2,
+        num_trans_layer=1,
+    )
+    # The zero convolutions start at zero (no control at all): small noise makes the control change the image.
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    controlnet.save_pretrained(folder)
+
+
 def write_tiny_weights(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for offset, name in enumerate(MODEL_DIRS.values()):
         build_pipeline_folder(root / name, seed=100 * (offset + 1))
     build_vae(root / VAE_DIR, seed=7)
     build_safety_checker(root / SAFETY_DIR, seed=11)
+    build_controlnet(root / CONTROLNET_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=13)
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root
 

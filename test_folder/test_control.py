@@ -1,0 +1,201 @@
+"""ControlNet (control.py, preprocess.py) on the tiny model and its tiny union ControlNet: the controlled step
+against stock diffusers' union pipeline, exact "off" settings, the guidance window, CUDA-graph replays (with the
+re-running stand-in capture of test_graphs.py), the map fitting, the preprocessors, errors and metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import control
+import predict
+import preprocess
+import prompts
+import utils
+from conftest import predict_inputs
+from test_graphs import rerun_capture, use_graphs
+
+SIZE = (64, 64)
+
+
+def drawn_image(size=(64, 64)) -> Image.Image:
+    """A dark square and a diagonal stroke on a light background: edges, lines and flat areas."""
+    image = Image.new("RGB", size, (235, 230, 220))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.rectangle((w // 4, h // 4, w // 2, h // 2), fill=(20, 30, 40))
+    draw.line((w // 2, h - 8, w - 8, h // 2), fill=(10, 10, 10), width=3)
+    return image
+
+
+@pytest.fixture(scope="module")
+def controlnet(predictor):
+    return predictor.controlnets.get()
+
+
+@pytest.fixture(scope="module")
+def embeds(predictor):
+    model = predictor.models.models["illustrious"]
+    return prompts.encode_prompts(model.txt2img, "1girl, red hat", "lowres", clip_skip=2).as_pipeline_kwargs()
+
+
+def unit(strength=0.8, start=0.0, end=1.0, control_type="canny") -> control.ControlRequest:
+    return control.ControlRequest(image=drawn_image(SIZE), type=control_type, preprocess=False, strength=strength,
+                                  start=start, end=end)
+
+
+def latents(pipe, model, embeds, steps=3, **kwargs) -> torch.Tensor:
+    pipe.scheduler = utils.make_scheduler("Euler", model.scheduler_config)
+    with torch.no_grad():
+        return pipe(**embeds, num_inference_steps=steps, guidance_scale=6.0, generator=torch.Generator().manual_seed(4),
+                    output_type="latent", **kwargs).images
+
+
+def controlled(model, controlnet, mode, request, embeds, **kwargs) -> torch.Tensor:
+    run = control.ControlRun(request=request, controlnet=controlnet, map=request.image)
+    return latents(control.pipeline(model, mode, False, run, SIZE), model, embeds, **kwargs)
+
+
+def test_controlled_steps_are_stock_diffusers_union_pipeline_steps(predictor, controlnet, embeds):
+    from diffusers import StableDiffusionXLControlNetUnionPipeline
+
+    model = predictor.models.models["illustrious"]
+    stock = StableDiffusionXLControlNetUnionPipeline.from_pipe(model.txt2img, controlnet=controlnet,
+                                                               add_watermarker=False, torch_dtype=torch.float32)
+    stock.set_progress_bar_config(disable=True)
+    size = dict(width=SIZE[0], height=SIZE[1])
+    plain = latents(model.pipeline("txt2img"), model, embeds, **size)
+    for start, end in ((0.0, 1.0), (0.3, 0.7)):  # 3 steps: all controlled; only the middle one
+        request = unit(strength=0.8, start=start, end=end)
+        ours = controlled(model, controlnet, "txt2img", request, embeds, **size)
+        theirs = latents(stock, model, embeds, control_image=[request.image], control_mode=[3],
+                         controlnet_conditioning_scale=0.8, control_guidance_start=start, control_guidance_end=end,
+                         **size)
+        assert torch.equal(ours, theirs), (start, end)
+        assert not torch.equal(ours, plain)
+        assert model.runs[("control", "txt2img")].unet.controlled_calls == (3 if end == 1.0 else 1)
+    # Strength 0 or a window holding no whole step: no ControlNet call, bitwise the plain steps.
+    for request in (unit(strength=0.0), unit(start=0.4, end=0.6)):
+        assert torch.equal(controlled(model, controlnet, "txt2img", request, embeds, **size), plain)
+        assert model.runs[("control", "txt2img")].unet.controlled_calls == 0
+
+
+def test_img2img_and_inpainting_are_controlled_and_replay_cuda_graphs(predictor, controlnet, embeds):
+    model = predictor.models.models["illustrious"]
+    init = drawn_image(SIZE).transpose(Image.Transpose.ROTATE_90)
+    mask = Image.new("L", SIZE, 0)
+    mask.paste(255, (0, 0, 32, 64))
+    cases = {
+        "txt2img": dict(width=SIZE[0], height=SIZE[1]),
+        "img2img": dict(image=init, strength=0.9),
+        "inpaint": dict(image=init, mask_image=mask, strength=0.9, width=SIZE[0], height=SIZE[1]),
+    }
+    request = unit(strength=1.2, start=0.0, end=0.6)  # steps 0 and 1 of 3 controlled (img2img: of the 2 it runs)
+    eager = {mode: controlled(model, controlnet, mode, request, embeds, **kw) for mode, kw in cases.items()}
+    assert not torch.equal(eager["img2img"], latents(model.pipeline("img2img"), model, embeds, **cases["img2img"]))
+    use_graphs(predictor, rerun_capture)
+    try:
+        for mode, kwargs in cases.items():
+            assert torch.equal(controlled(model, controlnet, mode, request, embeds, **kwargs), eager[mode]), mode
+            assert model.runs[("control", mode)].unet.eager_calls == 0
+        tags = {key[0] for key in model.runner.graphs}
+        assert tags == {"controlnet:3", "unet+control", "unet"}
+        assert model.runner.stats["replays"] > 0
+    finally:
+        use_graphs(predictor, None)
+
+
+def test_predictions_with_control_off_are_the_plain_image_and_metadata_records_the_unit(predictor, tmp_path):
+    path = tmp_path / "control.png"
+    drawn_image((300, 200)).save(path)
+    small = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=1, output_format="png",
+                 prompt="1girl", seed=9, use_standard_sdxl=True)  # the other base model than the tests above
+
+    def image(**kwargs):
+        (out,) = predictor.predict(**predict_inputs(**small, **kwargs))
+        return np.asarray(Image.open(out).convert("RGB")), out
+
+    plain, _ = image()
+    for off in (dict(control_strength=0.0), dict(control_start=0.5, control_end=0.5)):
+        assert np.array_equal(image(control_image=path, **off)[0], plain), off
+    controlled_image, out = image(control_image=path, control_strength=0.7)
+    assert not np.array_equal(controlled_image, plain)
+    text = utils.read_parameters(out)
+    assert ('ControlNet 0: "Module: canny, Model: controlnet-union-sdxl-1.0-promax [' in text)
+    assert ("Weight: 0.7, Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 256, Threshold A: 100, "
+            "Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True, Control Mode: Balanced, "
+            'Hr Option: Both, Save Detected Map: True", Version: sdxl-lora-cog') in text
+
+
+def test_crop_and_resize_covers_the_output_and_keeps_the_centre():
+    # Three 100-px bands; a square output keeps only the middle band (left/right or top/bottom cut equally).
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    wide = Image.new("RGB", (300, 100))
+    tall = Image.new("RGB", (100, 300))
+    for i, colour in enumerate(colours):
+        wide.paste(colour, (100 * i, 0, 100 * (i + 1), 100))
+        tall.paste(colour, (0, 100 * i, 100, 100 * (i + 1)))
+    for source in (wide, tall):
+        fitted = np.asarray(control.crop_and_resize(source, (64, 64))).astype(int)
+        assert fitted.shape == (64, 64, 3)
+        inner = fitted[4:-4, 4:-4]  # away from the resampling filter's reach of the cut bands
+        assert np.abs(inner - (0, 255, 0)).max() <= 2
+    # Other aspect ratio out: 300x100 to 96x64 scales by 0.64 (192x64) and cuts 48 px each side: the middle third
+    # of the output is the green band's centre, the outer parts are the red and blue bands' inner halves.
+    fitted = np.asarray(control.crop_and_resize(wide, (96, 64))).astype(int)
+    assert fitted.shape == (64, 96, 3)
+    assert np.abs(fitted[:, 24:72] - (0, 255, 0))[:, 2:-2].max() <= 2
+    assert np.abs(fitted[:, :14] - (255, 0, 0)).max() <= 2 and np.abs(fitted[:, -14:] - (0, 0, 255)).max() <= 2
+
+
+def test_preprocessors_on_a_drawn_image():
+    image = Image.new("RGB", (64, 64), (240, 240, 240))
+    ImageDraw.Draw(image).rectangle((16, 16, 47, 47), fill=(10, 10, 10))
+    edges = np.asarray(preprocess.control_map("canny", image, True))[:, :, 0] > 0
+    border = np.zeros((64, 64), bool)
+    border[14:50, 14:50] = True
+    border[18:46, 18:46] = False  # a 2-px band each side of the square's outline
+    assert edges.any() and not (edges & ~border).any()  # edges only on the outline ...
+    for side in (edges[16:48, 14:18], edges[16:48, 46:50], edges[14:18, 16:48], edges[46:50, 16:48]):
+        assert side.any(axis=1 if side.shape[0] == 32 else 0).all()  # ... and all around it
+
+    sketch = Image.new("RGB", (64, 64), (250, 250, 250))
+    ImageDraw.Draw(sketch).line((8, 32, 56, 32), fill=(0, 0, 0), width=3)
+    strokes = np.asarray(preprocess.control_map("scribble", sketch, True))[:, :, 0] > 0
+    assert strokes[31:34, 12:52].all()  # white where the line is
+    assert not strokes[:24].any() and not strokes[41:].any()  # black away from it
+
+    assert np.array_equal(np.asarray(preprocess.control_map("tile", image, True)), np.asarray(image))
+    drawn = drawn_image()
+    assert np.array_equal(np.asarray(preprocess.control_map("openpose", drawn, False)), np.asarray(drawn))
+
+
+def test_bad_control_inputs_are_errors_naming_the_input(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    huge = tmp_path / "huge.png"
+    Image.new("1", (4100, 4100)).save(huge)
+    good = tmp_path / "good.png"
+    drawn_image().save(good)
+    base = dict(prompt="1girl", negative_prompt=None, aspect_ratio="1:1", width=None, height=None, megapixels="1",
+                image=None, mask=None, prompt_strength=0.8, num_outputs=1, num_inference_steps=None, guidance=None,
+                scheduler="default", clip_skip=2, guidance_rescale=0.0, quality_tags=False, lora_weights=None,
+                lora_scale=1.0, extra_lora=None, extra_lora_scale=1.0, output_format="png", output_quality=80,
+                disable_safety_checker=False, use_standard_sdxl=False)
+    cases = [
+        (dict(control_image=text), "control_image: expected a PNG, JPEG or WebP image"),
+        (dict(control_image=huge), "control_image: expected at most"),
+        (dict(control_image=good, control_type="pose"), "control_type: expected one of"),
+        (dict(control_image=good, control_type="depth"), "control_preprocess: no built-in depth preprocessor"),
+        (dict(control_image=good, control_strength=2.5), "control_strength: expected 0 to 2"),
+        (dict(control_image=good, control_end=1.5), "control_end: expected 0 to 1"),
+        (dict(control_image=good, go_fast=True), "go_fast: step caching does not run with a control_image"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(utils.InputError, match=message):
+            predict.check_inputs(**base, **inputs)
+    request = predict.check_inputs(**base, control_image=good, control_type="depth", control_preprocess=False)
+    assert request.control.image.size == (1024, 1024) and request.control.type == "depth"
+    assert predict.check_inputs(**base, control_image=good, control_strength=0.0).control is None
