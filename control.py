@@ -194,6 +194,10 @@ def _fingerprint(module: torch.nn.Module) -> tuple:
     return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
 
 
+# Where the ControlNet's weights were when each runner's graphs were captured (the runner itself checks the UNet's).
+_controlnet_fingerprints: "weakref.WeakKeyDictionary[graphs.GraphRunner, tuple]" = weakref.WeakKeyDictionary()
+
+
 class ControlledUNet(graphs.UNetStandIn):
     """Stands in for the UNet of a pipeline: a ControlNet step before each UNet step of the guidance window."""
 
@@ -208,7 +212,6 @@ class ControlledUNet(graphs.UNetStandIn):
         self.controlled_calls = 0
         self.eager_calls = 0
         self._conds: dict[int, torch.Tensor] = {}
-        self._controlnet_fingerprint: tuple = ()
 
     def begin(self, step: Optional[ControlStep] = None) -> None:
         """Before a denoising loop: the control of this loop (None: plain UNet steps)."""
@@ -223,9 +226,9 @@ class ControlledUNet(graphs.UNetStandIn):
         if self.runner is not None:
             self.runner.begin(self.unet)
             fingerprint = _fingerprint(self.controlnet)
-            if fingerprint != self._controlnet_fingerprint:  # the ControlNet moved: its graphs are stale
+            if _controlnet_fingerprints.get(self.runner, fingerprint) != fingerprint:  # moved: graphs are stale
                 self.runner.drop()
-                self._controlnet_fingerprint = fingerprint
+            _controlnet_fingerprints[self.runner] = fingerprint
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True,
                 **kwargs: Any):

@@ -67,19 +67,16 @@ def test_controlled_steps_are_stock_diffusers_union_pipeline_steps(predictor, co
     stock.set_progress_bar_config(disable=True)
     size = dict(width=SIZE[0], height=SIZE[1])
     plain = latents(model.pipeline("txt2img"), model, embeds, **size)
-    for start, end in ((0.0, 1.0), (0.3, 0.7)):  # 3 steps: all controlled; only the middle one
-        request = unit(strength=0.8, start=start, end=end)
-        ours = controlled(model, controlnet, "txt2img", request, embeds, **size)
-        theirs = latents(stock, model, embeds, control_image=[request.image], control_mode=[3],
-                         controlnet_conditioning_scale=0.8, control_guidance_start=start, control_guidance_end=end,
-                         **size)
-        assert torch.equal(ours, theirs), (start, end)
-        assert not torch.equal(ours, plain)
-        assert model.runs[("control", "txt2img")].unet.controlled_calls == (3 if end == 1.0 else 1)
-    # Strength 0 or a window holding no whole step: no ControlNet call, bitwise the plain steps.
-    for request in (unit(strength=0.0), unit(start=0.4, end=0.6)):
-        assert torch.equal(controlled(model, controlnet, "txt2img", request, embeds, **size), plain)
-        assert model.runs[("control", "txt2img")].unet.controlled_calls == 0
+    request = unit(strength=0.8, start=0.3, end=0.7)  # of 3 steps only the middle one lies inside the window
+    ours = controlled(model, controlnet, "txt2img", request, embeds, **size)
+    theirs = latents(stock, model, embeds, control_image=[request.image], control_mode=[3],
+                     controlnet_conditioning_scale=0.8, control_guidance_start=0.3, control_guidance_end=0.7, **size)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, plain)
+    assert model.runs[("control", "txt2img")].unet.controlled_calls == 1
+    # A window holding no whole step: no ControlNet call, bitwise the plain steps.
+    assert torch.equal(controlled(model, controlnet, "txt2img", unit(start=0.4, end=0.6), embeds, **size), plain)
+    assert model.runs[("control", "txt2img")].unet.controlled_calls == 0
 
 
 def test_img2img_and_inpainting_are_controlled_and_replay_cuda_graphs(predictor, controlnet, embeds):
@@ -89,16 +86,19 @@ def test_img2img_and_inpainting_are_controlled_and_replay_cuda_graphs(predictor,
     mask.paste(255, (0, 0, 32, 64))
     cases = {
         "txt2img": dict(width=SIZE[0], height=SIZE[1]),
-        "img2img": dict(image=init, strength=0.9),
-        "inpaint": dict(image=init, mask_image=mask, strength=0.9, width=SIZE[0], height=SIZE[1]),
+        "img2img": dict(image=init, strength=1.0),
+        "inpaint": dict(image=init, mask_image=mask, strength=1.0, width=SIZE[0], height=SIZE[1]),
     }
-    request = unit(strength=1.2, start=0.0, end=0.6)  # steps 0 and 1 of 3 controlled (img2img: of the 2 it runs)
-    eager = {mode: controlled(model, controlnet, mode, request, embeds, **kw) for mode, kw in cases.items()}
-    assert not torch.equal(eager["img2img"], latents(model.pipeline("img2img"), model, embeds, **cases["img2img"]))
+    request = unit(strength=1.2, start=0.0, end=0.6)  # step 0 of 2 controlled, step 1 plain
+    eager = {}
+    for mode, kwargs in cases.items():
+        eager[mode] = controlled(model, controlnet, mode, request, embeds, steps=2, **kwargs)
+        assert model.runs[("control", mode)].unet.controlled_calls == 1, mode
     use_graphs(predictor, rerun_capture)
     try:
         for mode, kwargs in cases.items():
-            assert torch.equal(controlled(model, controlnet, mode, request, embeds, **kwargs), eager[mode]), mode
+            got = controlled(model, controlnet, mode, request, embeds, steps=2, **kwargs)
+            assert torch.equal(got, eager[mode]), mode
             assert model.runs[("control", mode)].unet.eager_calls == 0
         tags = {key[0] for key in model.runner.graphs}
         assert tags == {"controlnet:3", "unet+control", "unet"}
@@ -118,8 +118,7 @@ def test_predictions_with_control_off_are_the_plain_image_and_metadata_records_t
         return np.asarray(Image.open(out).convert("RGB")), out
 
     plain, _ = image()
-    for off in (dict(control_strength=0.0), dict(control_start=0.5, control_end=0.5)):
-        assert np.array_equal(image(control_image=path, **off)[0], plain), off
+    assert np.array_equal(image(control_image=path, control_strength=0.0)[0], plain)
     controlled_image, out = image(control_image=path, control_strength=0.7)
     assert not np.array_equal(controlled_image, plain)
     text = utils.read_parameters(out)
@@ -198,4 +197,24 @@ def test_bad_control_inputs_are_errors_naming_the_input(tmp_path):
             predict.check_inputs(**base, **inputs)
     request = predict.check_inputs(**base, control_image=good, control_type="depth", control_preprocess=False)
     assert request.control.image.size == (1024, 1024) and request.control.type == "depth"
-    assert predict.check_inputs(**base, control_image=good, control_strength=0.0).control is None
+    for off in (dict(control_strength=0.0), dict(control_start=0.5, control_end=0.5), dict(control_end=0.0)):
+        assert predict.check_inputs(**base, control_image=good, **off).control is None  # runs as without control
+
+
+def test_control_through_the_cog_server(cog_server):
+    import io
+
+    from cog_server import data_uri, decode_output
+
+    small = dict(prompt="1girl", aspect_ratio="custom", width=256, height=256, num_inference_steps=1,
+                 output_format="png", seed=2)
+    result = cog_server.predict({**small, "control_image": data_uri(drawn_image((200, 300))),
+                                 "control_type": "scribble", "control_strength": 1.5, "control_end": 0.8})
+    assert result["status"] == "succeeded", result.get("error")
+    _, payload = decode_output(result["output"][0])
+    text = Image.open(io.BytesIO(payload)).info["parameters"]
+    assert 'ControlNet 0: "Module: scribble_xdog, Model: controlnet-union-sdxl-1.0-promax [' in text
+    assert "Weight: 1.5," in text and "Guidance End: 0.8," in text
+    failed = cog_server.predict({**small, "control_image": "data:text/plain;base64,aGVsbG8="})
+    assert failed["status"] == "failed" and "control_image: expected a PNG, JPEG or WebP image" in failed["error"]
+    assert cog_server.post({**small, "control_type": "pose"}).status_code == 422
