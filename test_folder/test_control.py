@@ -218,3 +218,41 @@ def test_control_through_the_cog_server(cog_server):
     failed = cog_server.predict({**small, "control_image": "data:text/plain;base64,aGVsbG8="})
     assert failed["status"] == "failed" and "control_image: expected a PNG, JPEG or WebP image" in failed["error"]
     assert cog_server.post({**small, "control_type": "pose"}).status_code == 422
+
+
+def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_file(tiny_weights, tmp_path,
+                                                                                    monkeypatch):
+    """script/download_weights' controlnet component against a fake Hub serving the tiny ControlNet under the real
+    repo's promax names: refused while the pin is the real file's sha256; with the pin set to the tiny file's,
+    renamed into a diffusers folder that loads."""
+    import hashlib
+
+    from fakes import FakeHFHub
+    from test_hf_download import _load_script
+
+    script = _load_script()
+    folder = tiny_weights / control.CONTROLNET_DIR
+    weights_file = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    source = script.SOURCES["controlnet"]
+    with FakeHFHub() as hub:
+        hub.add_file(source["repo"], "config_promax.json", (folder / "config.json").read_bytes())
+        hub.add_file(source["repo"], "diffusion_pytorch_model_promax.safetensors", weights_file, lfs=True)
+        hub.add_file(source["repo"], "diffusion_pytorch_model.safetensors", b"decoy " * 20, lfs=True)
+        hub.repos[source["repo"]].branch = source["revision"]  # the fake accepts its branch name as a revision
+        for name, value in (("HF_ENDPOINT", hub.url), ("NO_PROXY", "127.0.0.1,localhost"),
+                            ("HF_HOME", str(tmp_path / "hf-home")), ("HF_HUB_DISABLE_XET", "1")):
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        dest = tmp_path / "weights"
+        with pytest.raises(script.DownloadError, match="pinned sha256 mismatch: xinsir/controlnet-union-sdxl-1.0/"
+                                                        "diffusion_pytorch_model_promax.safetensors"):
+            script.install("controlnet", dest, script.Hub, force=False)
+        assert not (dest / control.CONTROLNET_DIR).exists() and not list(dest.iterdir())
+        tiny_pin = {"diffusion_pytorch_model_promax.safetensors": hashlib.sha256(weights_file).hexdigest()}
+        monkeypatch.setitem(source, "sha256", tiny_pin)
+        script.install("controlnet", dest, script.Hub, force=False)
+    out = dest / control.CONTROLNET_DIR
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "config.json",
+                                                     "diffusion_pytorch_model.safetensors"]
+    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == weights_file
+    assert control.load_controlnet(out, torch.device("cpu"), torch.float32).config.num_control_type == 8
