@@ -105,10 +105,10 @@ def check_control(image_path, control_type: str, preprocess: bool, strength: flo
             raise utils.InputError(f"{name}: expected 0 to 1, got {value}")
     if image_path is None:
         return None
-    if preprocess and control_type not in preprocess_module.PREPROCESSORS:
+    if preprocess and control_type not in preprocess_module.BUILT_IN:
         raise utils.InputError(
             f"control_preprocess: no built-in {control_type} preprocessor yet (built in: "
-            f"{sorted(preprocess_module.PREPROCESSORS)}); pass the {control_type} map itself as control_image with "
+            f"{list(preprocess_module.BUILT_IN)}); pass the {control_type} map itself as control_image with "
             "control_preprocess=false")
     source = utils.open_image(image_path, "control_image")
     rgb = utils.load_rgb(source, source.size, "control_image")  # decoded (and EXIF-rotated) at its own size

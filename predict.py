@@ -284,6 +284,7 @@ class Predictor(BasePredictor):
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
         self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
+        self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -458,7 +459,7 @@ class Predictor(BasePredictor):
         control_type: str = Input(
             description="What control_image controls: canny edges, depth, openpose, lineart, lineart_anime, "
             "softedge, scribble or tile (all served by the baked union ControlNet). Built-in preprocessors: canny, "
-            "scribble, tile; for the others pass the map itself with control_preprocess=false.",
+            "depth, scribble, tile; for the others pass the map itself with control_preprocess=false.",
             choices=CONTROL_TYPE_CHOICES,
             default=control.DEFAULT_CONTROL_TYPE,
         ),
@@ -783,7 +784,7 @@ class Predictor(BasePredictor):
         phase = time.perf_counter()
         controlnet = self.controlnets.get()
         unit = request.control
-        control_map = preprocess.control_map(unit.type, unit.image, unit.preprocess)
+        control_map = self.preprocessors.map(unit.type, unit.image, unit.preprocess)
         logger.info("control map %s (%s) in %.3fs", unit.type, "extracted" if unit.preprocess else "given",
                     time.perf_counter() - phase)
         return control.ControlRun(request=unit, controlnet=controlnet, map=control_map)

@@ -15,6 +15,7 @@ Layout (the same as script/download_weights writes for the real weights):
     DIR/sdxl-vae-fp16-fix/   AutoencoderKL shared by both models
     DIR/safety-checker/      StableDiffusionSafetyChecker with its preprocessor_config.json
     DIR/controlnet-union-promax/  ControlNetUnionModel with the union promax model's 8 control types
+    DIR/depth-anything-v2-small/  DepthAnythingForDepthEstimation (DINOv2 backbone) and its DPT image processor
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402  (the layout is defined once, in utils.py)
 from control import CONTROLNET_DIR  # noqa: E402
+from preprocess import DEPTH_DIR  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.
@@ -264,6 +266,24 @@ def build_controlnet(folder: Path, unet_folder: Path, seed: int) -> None:
     controlnet.save_pretrained(folder)
 
 
+def build_depth(folder: Path, seed: int) -> None:
+    """Depth Anything V2 in the real folder layout: a two-layer DINOv2 backbone, two neck stages, and the real
+    processor settings except its size (56 instead of 518 px, still a multiple of the 14-px patch)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                            image_size=56, patch_size=14, out_features=["stage1", "stage2"], out_indices=[1, 2],
+                            reshape_hidden_states=False, apply_layernorm=True)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 16],
+                                 reassemble_factors=[2, 1], fusion_hidden_size=8, head_hidden_size=4, head_in_index=-1,
+                                 patch_size=14, use_pretrained_backbone=False)
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(do_resize=True, size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      resample=3, do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_pad=False).save_pretrained(folder)
+
+
 def write_tiny_weights(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for offset, name in enumerate(MODEL_DIRS.values()):
@@ -271,6 +291,7 @@ def write_tiny_weights(root: Path) -> Path:
     build_vae(root / VAE_DIR, seed=7)
     build_safety_checker(root / SAFETY_DIR, seed=11)
     build_controlnet(root / CONTROLNET_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=13)
+    build_depth(root / DEPTH_DIR, seed=17)
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root
 

@@ -119,13 +119,13 @@ def test_predictions_with_control_off_are_the_plain_image_and_metadata_records_t
 
     plain, _ = image()
     assert np.array_equal(image(control_image=path, control_strength=0.0)[0], plain)
-    controlled_image, out = image(control_image=path, control_strength=0.7)
+    controlled_image, out = image(control_image=path, control_type="depth", control_strength=0.7)
     assert not np.array_equal(controlled_image, plain)
     text = utils.read_parameters(out)
-    assert ('ControlNet 0: "Module: canny, Model: controlnet-union-sdxl-1.0-promax [' in text)
-    assert ("Weight: 0.7, Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 256, Threshold A: 100, "
-            "Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True, Control Mode: Balanced, "
-            'Hr Option: Both, Save Detected Map: True", Version: sdxl-lora-cog') in text
+    assert ('ControlNet 0: "Module: depth_anything_v2, Model: controlnet-union-sdxl-1.0-promax [' in text)
+    assert ("Weight: 0.7, Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 256, Guidance Start: 0.0, "
+            "Guidance End: 1.0, Pixel Perfect: True, Control Mode: Balanced, Hr Option: Both, Save Detected Map: "
+            'True", Version: sdxl-lora-cog') in text
 
 
 def test_crop_and_resize_covers_the_output_and_keeps_the_centre():
@@ -171,6 +171,22 @@ def test_preprocessors_on_a_drawn_image():
     assert np.array_equal(np.asarray(preprocess.control_map("openpose", drawn, False)), np.asarray(drawn))
 
 
+def test_depth_preprocessor_runs_the_baked_model_lazily(predictor):
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    image = drawn_image((96, 64))
+    depth = np.asarray(predictor.preprocessors.map("depth", image, True))
+    assert depth.shape == (64, 96, 3) and depth.min() == 0 and depth.max() == 255  # stretched to 0-255
+    assert (depth == depth[:, :, :1]).all()  # grey
+    # The model's own output at its input resolution, resized by nearest sampling here: the map follows it.
+    folder = predictor.weights_dir / preprocess.DEPTH_DIR
+    model, processor = AutoModelForDepthEstimation.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        raw = model(**processor(images=image, return_tensors="pt")).predicted_depth[0]
+    coarse = torch.nn.functional.interpolate(raw[None, None], size=(64, 96), mode="nearest")[0, 0].numpy()
+    assert np.corrcoef(coarse.ravel(), depth[:, :, 0].ravel().astype(float))[0, 1] > 0.9
+
+
 def test_bad_control_inputs_are_errors_naming_the_input(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
@@ -187,7 +203,7 @@ def test_bad_control_inputs_are_errors_naming_the_input(tmp_path):
         (dict(control_image=text), "control_image: expected a PNG, JPEG or WebP image"),
         (dict(control_image=huge), "control_image: expected at most"),
         (dict(control_image=good, control_type="pose"), "control_type: expected one of"),
-        (dict(control_image=good, control_type="depth"), "control_preprocess: no built-in depth preprocessor"),
+        (dict(control_image=good, control_type="openpose"), "control_preprocess: no built-in openpose preprocessor"),
         (dict(control_image=good, control_strength=2.5), "control_strength: expected 0 to 2"),
         (dict(control_image=good, control_end=1.5), "control_end: expected 0 to 1"),
         (dict(control_image=good, go_fast=True), "go_fast: step caching does not run with a control_image"),
@@ -209,12 +225,12 @@ def test_control_through_the_cog_server(cog_server):
     small = dict(prompt="1girl", aspect_ratio="custom", width=256, height=256, num_inference_steps=1,
                  output_format="png", seed=2)
     result = cog_server.predict({**small, "control_image": data_uri(drawn_image((200, 300))),
-                                 "control_type": "scribble", "control_strength": 1.5, "control_end": 0.8})
+                                 "control_strength": 1.5, "control_end": 0.8})
     assert result["status"] == "succeeded", result.get("error")
     _, payload = decode_output(result["output"][0])
     text = Image.open(io.BytesIO(payload)).info["parameters"]
-    assert 'ControlNet 0: "Module: scribble_xdog, Model: controlnet-union-sdxl-1.0-promax [' in text
-    assert "Weight: 1.5," in text and "Guidance End: 0.8," in text
+    assert 'ControlNet 0: "Module: canny, Model: controlnet-union-sdxl-1.0-promax [' in text
+    assert "Weight: 1.5," in text and "Threshold A: 100, Threshold B: 200," in text and "Guidance End: 0.8," in text
     failed = cog_server.predict({**small, "control_image": "data:text/plain;base64,aGVsbG8="})
     assert failed["status"] == "failed" and "control_image: expected a PNG, JPEG or WebP image" in failed["error"]
     assert cog_server.post({**small, "control_type": "pose"}).status_code == 422
@@ -251,8 +267,17 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
         tiny_pin = {"diffusion_pytorch_model_promax.safetensors": hashlib.sha256(weights_file).hexdigest()}
         monkeypatch.setitem(source, "sha256", tiny_pin)
         script.install("controlnet", dest, script.Hub, force=False)
+        # The depth model: the same pinned path without renames, and its own load check.
+        depth_source, depth_dir = script.SOURCES["depth"], tiny_weights / preprocess.DEPTH_DIR
+        for path in depth_source["files"]:
+            hub.add_file(depth_source["repo"], path, (depth_dir / path).read_bytes())
+        hub.repos[depth_source["repo"]].branch = depth_source["revision"]
+        depth_weights = (depth_dir / "model.safetensors").read_bytes()
+        monkeypatch.setitem(depth_source, "sha256", {"model.safetensors": hashlib.sha256(depth_weights).hexdigest()})
+        script.install("depth", dest, script.Hub, force=False)
     out = dest / control.CONTROLNET_DIR
     assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "config.json",
                                                      "diffusion_pytorch_model.safetensors"]
     assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == weights_file
     assert control.load_controlnet(out, torch.device("cpu"), torch.float32).config.num_control_type == 8
+    assert (dest / preprocess.DEPTH_DIR / "model.safetensors").read_bytes() == depth_weights
