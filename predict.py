@@ -25,6 +25,7 @@ import control
 import lora
 import preprocess
 import prompts
+import reference
 import stepcache
 import utils
 import weights
@@ -36,6 +37,7 @@ ASPECT_RATIO_CHOICES = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4"
 MEGAPIXEL_CHOICES = ["1", "0.25"]
 OUTPUT_FORMAT_CHOICES = ["webp", "jpg", "png"]
 HIRES_UPSCALER_CHOICES = ["latent", "lanczos"]
+REFERENCE_MODE_CHOICES = ["full", "style", "composition"]
 CONTROL_TYPE_CHOICES = ["canny", "depth", "openpose", "lineart", "lineart_anime", "softedge", "scribble", "tile"]
 SCHEDULER_CHOICES = [
     "default",
@@ -97,6 +99,7 @@ class Request:
     checkpoint: Optional[weights.WeightsRef] = None  # a custom checkpoint instead of the baked models
     go_fast: bool = False  # step caching (stepcache.py): faster, changes the image
     control: Optional[control.ControlRequest] = None  # a ControlNet unit (control.py); None: no control acts
+    reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (reference.py)
 
 
 def check_inputs(
@@ -138,6 +141,9 @@ def check_inputs(
     control_strength: float = 1.0,
     control_start: float = 0.0,
     control_end: float = 1.0,
+    reference_image=None,
+    reference_strength: float = 0.6,
+    reference_mode: str = "full",
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -211,6 +217,7 @@ def check_inputs(
                                             control_start, control_end, size)
     expect(control_request is None or not go_fast, "go_fast: step caching does not run with a control_image; set "
            "go_fast to false")
+    reference_request = reference.check_reference(reference_image, reference_strength, reference_mode)
 
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
@@ -246,6 +253,7 @@ def check_inputs(
         checkpoint=checkpoint_ref,
         go_fast=bool(go_fast),
         control=control_request,
+        reference=reference_request,
     )
 
 
@@ -285,6 +293,7 @@ class Predictor(BasePredictor):
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
         self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
         self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too
+        self.references = reference.References(weights_dir)  # IP-Adapter, loaded on the first reference request
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -479,6 +488,19 @@ class Predictor(BasePredictor):
             description="Fraction of the denoising steps where the control stops acting.", default=1.0, ge=0.0,
             le=1.0,
         ),
+        reference_image: Optional[Path] = Input(
+            description="IP-Adapter reference: an image whose character or style the output follows.", default=None
+        ),
+        reference_strength: float = Input(
+            description="How strongly the output follows reference_image; 0 = not at all.", default=0.6, ge=0.0,
+            le=1.0,
+        ),
+        reference_mode: str = Input(
+            description="What of reference_image is followed: full (everything), style (only the style blocks, as "
+            "InstantStyle does), composition (only the layout block).",
+            choices=REFERENCE_MODE_CHOICES,
+            default="full",
+        ),
     ) -> list[Path]:
         started = time.perf_counter()
         request = check_inputs(
@@ -519,6 +541,9 @@ class Predictor(BasePredictor):
             control_strength=control_strength,
             control_start=control_start,
             control_end=control_end,
+            reference_image=reference_image,
+            reference_strength=reference_strength,
+            reference_mode=reference_mode,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
@@ -663,10 +688,15 @@ class Predictor(BasePredictor):
 
     def unit_parameters(self, request: Request) -> dict[str, str]:
         """The A1111 extensions' infotext entries of this request's control unit."""
-        if request.control is None:
-            return {}
-        return {"ControlNet 0": control.infotext(request.control, self.controlnets.title,
-                                                 (request.width, request.height))}
+        units = []
+        if request.control is not None:
+            units.append(control.infotext(request.control, self.controlnets.title, (request.width, request.height)))
+        if request.reference is not None:
+            units.append(reference.infotext(request.reference, self.references.title))
+        entries = {f"ControlNet {i}": unit for i, unit in enumerate(units)}
+        if request.reference is not None and request.reference.mode != "full":
+            entries["IP-Adapter mode"] = request.reference.mode  # InstantStyle blocks: no A1111 field for it
+        return entries
 
     @staticmethod
     def parameters(request: Request, seed: int, fetched: list[weights.LoraFile],
@@ -765,10 +795,12 @@ class Predictor(BasePredictor):
             kwargs.update(image=request.init_image, strength=request.strength)
         if request.mode == "inpaint":
             kwargs.update(mask_image=request.mask_image)
-        if request.hires_size is None:
-            images = pipe(**kwargs).images
-        else:
-            images = self.hires_fix(request, model, pipe, kwargs, run)
+        with self.references.attached(model.txt2img, request.reference, request.guidance > 1.0) as extra:
+            kwargs.update(extra)
+            if request.hires_size is None:
+                images = pipe(**kwargs).images
+            else:
+                images = self.hires_fix(request, model, pipe, kwargs, run)
         width, height = request.hires_size or (request.width, request.height)
         logger.info(
             "generated %d %dx%d images (%s, %s, %d steps) in %.2fs",

@@ -225,12 +225,15 @@ def test_control_through_the_cog_server(cog_server):
     small = dict(prompt="1girl", aspect_ratio="custom", width=256, height=256, num_inference_steps=1,
                  output_format="png", seed=2)
     result = cog_server.predict({**small, "control_image": data_uri(drawn_image((200, 300))),
-                                 "control_strength": 1.5, "control_end": 0.8})
+                                 "control_strength": 1.5, "control_end": 0.8, "reference_mode": "style",
+                                 "reference_image": data_uri(drawn_image((64, 96)), "JPEG")})
     assert result["status"] == "succeeded", result.get("error")
     _, payload = decode_output(result["output"][0])
     text = Image.open(io.BytesIO(payload)).info["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: controlnet-union-sdxl-1.0-promax [' in text
     assert "Weight: 1.5," in text and "Threshold A: 100, Threshold B: 200," in text and "Guidance End: 0.8," in text
+    assert 'ControlNet 1: "Module: ip-adapter_clip_sdxl_plus_vith, Model: ip-adapter-plus_sdxl_vit-h [' in text
+    assert "Weight: 0.6," in text and "IP-Adapter mode: style" in text
     failed = cog_server.predict({**small, "control_image": "data:text/plain;base64,aGVsbG8="})
     assert failed["status"] == "failed" and "control_image: expected a PNG, JPEG or WebP image" in failed["error"]
     assert cog_server.post({**small, "control_type": "pose"}).status_code == 422
@@ -281,3 +284,66 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
     assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == weights_file
     assert control.load_controlnet(out, torch.device("cpu"), torch.float32).config.num_control_type == 8
     assert (dest / preprocess.DEPTH_DIR / "model.safetensors").read_bytes() == depth_weights
+
+
+@pytest.fixture(scope="module")
+def fresh_pipes(tiny_weights):
+    """Two SDXL pipelines of the tiny Illustrious weights of their own (no LoRA another test merged), with the
+    image processor the tiny image encoder needs (diffusers' default is 224 px, the real ViT-H's size)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPImageProcessor
+
+    vae = AutoencoderKL.from_pretrained(tiny_weights / utils.VAE_DIR)
+    pipes = []
+    for _ in range(2):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_weights / utils.MODEL_DIRS["illustrious"], vae=vae,
+                                                         add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.register_modules(feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
+        pipes.append(pipe)
+    return pipes
+
+
+def test_reference_modes_match_diffusers_ip_adapter_and_leave_the_unet_as_it_was(tiny_weights, fresh_pipes, embeds):
+    import reference
+
+    ours, stock = fresh_pipes
+    references = reference.References(tiny_weights)
+    model = type("Model", (), {"scheduler_config": dict(ours.scheduler.config)})()
+    image = drawn_image((80, 48)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    size = dict(width=SIZE[0], height=SIZE[1], steps=2)
+    own_processors = {name: type(p) for name, p in ours.unet.attn_processors.items()}
+    plain = latents(ours, model, embeds, **size)
+
+    stock.load_ip_adapter(str(tiny_weights / reference.REFERENCE_DIR), subfolder=reference.ADAPTER_SUBFOLDER,
+                          weight_name=reference.ADAPTER_FILE, image_encoder_folder=reference.ENCODER_FOLDER)
+    results = {}
+    for mode in reference.REFERENCE_MODES:
+        request = reference.ReferenceRequest(image=image, strength=0.6, mode=mode)
+        with references.attached(ours, request, do_cfg=True) as kwargs:
+            results[mode] = latents(ours, model, embeds, **size, **kwargs)
+        stock.set_ip_adapter_scale(reference.mode_scale(mode, 0.6))
+        assert torch.equal(results[mode], latents(stock, model, embeds, **size, ip_adapter_image=image)), mode
+        assert not torch.equal(results[mode], plain), mode
+    assert len({tuple(r.flatten()[:64].tolist()) for r in results.values()}) == 3  # three different images
+    # Detached: the UNet's own processors, no image projection, and bitwise the plain steps again.
+    assert {name: type(p) for name, p in ours.unet.attn_processors.items()} == own_processors
+    assert ours.unet.encoder_hid_proj is None and ours.unet.config.encoder_hid_dim_type is None
+    assert torch.equal(latents(ours, model, embeds, **size), plain)
+    assert references.title.startswith("ip-adapter-plus_sdxl_vit-h [")
+
+
+def test_reference_inputs_are_checked(tmp_path):
+    import reference
+
+    good = tmp_path / "ref.png"
+    drawn_image().save(good)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(utils.InputError, match="reference_image: expected a PNG, JPEG or WebP image"):
+        reference.check_reference(tmp_path / "bad.png", 0.6, "full")
+    with pytest.raises(utils.InputError, match="reference_mode: expected one of"):
+        reference.check_reference(good, 0.6, "layout")
+    with pytest.raises(utils.InputError, match="reference_strength: expected 0 to 1"):
+        reference.check_reference(good, 1.5, "full")
+    assert reference.check_reference(good, 0.0, "style") is None  # strength 0: exactly no reference
+    assert reference.check_reference(good, 0.5, "style").image.size == (64, 64)
