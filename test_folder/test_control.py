@@ -278,6 +278,18 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
         depth_weights = (depth_dir / "model.safetensors").read_bytes()
         monkeypatch.setitem(depth_source, "sha256", {"model.safetensors": hashlib.sha256(depth_weights).hexdigest()})
         script.install("depth", dest, script.Hub, force=False)
+        # The IP-Adapter: h94's own layout (two folders), kept as it is.
+        import reference
+
+        ref_source, ref_dir = script.SOURCES["reference"], tiny_weights / reference.REFERENCE_DIR
+        for path in ref_source["files"]:
+            hub.add_file(ref_source["repo"], path, (ref_dir / path).read_bytes())
+        hub.repos[ref_source["repo"]].branch = ref_source["revision"]
+        monkeypatch.setitem(ref_source, "sha256", {p: hashlib.sha256((ref_dir / p).read_bytes()).hexdigest()
+                                                   for p in ref_source["sha256"]})
+        script.install("reference", dest, script.Hub, force=False)
+        assert sorted(p.relative_to(dest).as_posix() for p in (dest / reference.REFERENCE_DIR).rglob("*.*")) == sorted(
+            [f"{reference.REFERENCE_DIR}/{p}" for p in ref_source["files"]] + [f"{reference.REFERENCE_DIR}/MANIFEST.json"])
     out = dest / control.CONTROLNET_DIR
     assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "config.json",
                                                      "diffusion_pytorch_model.safetensors"]
