@@ -359,3 +359,11 @@ def test_reference_inputs_are_checked(tmp_path):
         reference.check_reference(good, 1.5, "full")
     assert reference.check_reference(good, 0.0, "style") is None  # strength 0: exactly no reference
     assert reference.check_reference(good, 0.5, "style").image.size == (64, 64)
+
+
+def test_input_choices_are_the_tables_they_name():
+    import reference
+
+    assert predict.CONTROL_TYPE_CHOICES == list(control.CONTROL_TYPES)
+    assert control.DEFAULT_CONTROL_TYPE in preprocess.BUILT_IN
+    assert predict.REFERENCE_MODE_CHOICES == list(reference.REFERENCE_MODES)
