@@ -2,9 +2,11 @@
 
 The adapter changes a UNet: diffusers' `load_ip_adapter` swaps every cross-attention processor for an IP-Adapter
 one and sets the UNet's image projection (`encoder_hid_proj`), after which the UNet requires image embeddings. So
-the adapter is loaded once per base model, on its first reference request, and then kept apart: `attached()`
-puts its processors and projection into the UNet for one request and always restores the UNet's own processors
-afterwards, so a request without a reference runs the very same UNet as before (bitwise the same image).
+the adapter is loaded once, on the first reference request (into that request's UNet, then taken out again), and
+kept apart: every SDXL-family UNet has the same attention layout, so the one adapter serves every base model and
+custom checkpoint. `attached()` puts its processors and projection into the request's UNet and always restores the
+UNet's own processors afterwards, so a request without a reference runs the very same UNet as before (bitwise the
+same image).
 
 Modes (InstantStyle's block choice, through diffusers' `set_ip_adapter_scale`): `full` = every cross-attention
 layer at the strength; `style` = only up_blocks.0's middle attention; `composition` = only down_blocks.2's second.
@@ -93,13 +95,13 @@ class _Adapter:
 
 
 class References:
-    """The IP-Adapter of each base model (loaded on its first reference request) and the shared image encoder."""
+    """The IP-Adapter and its image encoder, loaded on the first reference request."""
 
     def __init__(self, weights_dir: Path) -> None:
         self.root = Path(weights_dir) / REFERENCE_DIR
         self.encoder = None
         self.feature_extractor = None
-        self.adapters: dict[int, _Adapter] = {}  # id(unet) -> its adapter
+        self.adapter: Optional[_Adapter] = None
         self.title = ADAPTER_TITLE
 
     def _load(self, pipe) -> _Adapter:
@@ -110,23 +112,23 @@ class References:
 
         if not (self.root / ADAPTER_SUBFOLDER / ADAPTER_FILE).is_file():
             raise utils.WeightsMissingError(f"IP-Adapter not found in {self.root}: run script/download_weights")
+        from control import legacy_model_hash
+
         phase = time.perf_counter()
         unet = pipe.unet
         own = dict(unet.attn_processors)
-        if self.encoder is not None:  # one image encoder for every model: load_ip_adapter then keeps it
-            pipe.register_modules(image_encoder=self.encoder)
-        size = self.encoder.config.image_size if self.encoder is not None else None
-        pipe.load_ip_adapter(str(self.root), subfolder=ADAPTER_SUBFOLDER, weight_name=ADAPTER_FILE,
-                             image_encoder_folder=ENCODER_FOLDER)
-        self.encoder = pipe.image_encoder
-        size = size or self.encoder.config.image_size
+        components = {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor}
+        try:
+            pipe.load_ip_adapter(str(self.root), subfolder=ADAPTER_SUBFOLDER, weight_name=ADAPTER_FILE,
+                                 image_encoder_folder=ENCODER_FOLDER)
+            adapter = _Adapter(processors=dict(unet.attn_processors), projection=unet.encoder_hid_proj)
+            self.encoder = pipe.image_encoder
+        finally:  # also when loading failed half-way: the UNet and the pipeline as they were
+            self._detach(unet, own)
+            pipe.register_modules(**components)
+        size = self.encoder.config.image_size
         self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)  # diffusers' own default at 224
-        from control import legacy_model_hash
-
         self.title = f"{ADAPTER_TITLE} [{legacy_model_hash(self.root / ADAPTER_SUBFOLDER / ADAPTER_FILE)}]"
-        adapter = _Adapter(processors=dict(unet.attn_processors), projection=unet.encoder_hid_proj)
-        self._detach(unet, own)
-        pipe.register_modules(image_encoder=None, feature_extractor=None)
         logger.info("loaded IP-Adapter %s for %s in %.2fs (first use)", ADAPTER_TITLE, type(unet).__name__,
                     time.perf_counter() - phase)
         return adapter
@@ -145,9 +147,9 @@ class References:
             yield {}
             return
         unet = pipe.unet
-        adapter = self.adapters.get(id(unet))
-        if adapter is None:
-            adapter = self.adapters[id(unet)] = self._load(pipe)
+        if self.adapter is None:
+            self.adapter = self._load(pipe)
+        adapter = self.adapter
         own = dict(unet.attn_processors)
         try:
             for module in (*adapter.processors.values(), adapter.projection, self.encoder):
