@@ -367,3 +367,22 @@ def test_input_choices_are_the_tables_they_name():
     assert predict.CONTROL_TYPE_CHOICES == list(control.CONTROL_TYPES)
     assert control.DEFAULT_CONTROL_TYPE in preprocess.BUILT_IN
     assert predict.REFERENCE_MODE_CHOICES == list(reference.REFERENCE_MODES)
+
+
+def test_control_with_a_lora_uses_the_merged_unet_and_leaves_it_clean(predictor, file_host):
+    from lora_fixtures import write_kohya_lora
+
+    write_kohya_lora(file_host.folder / "control-lora.safetensors", predictor.models.models["illustrious"].txt2img)
+    path = file_host.folder / "control-map.png"
+    drawn_image((256, 256)).save(path)
+    small = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=1, output_format="png",
+                 prompt="1girl", seed=6, control_image=path, control_preprocess=False)
+
+    def image(**kwargs):
+        (out,) = predictor.predict(**predict_inputs(**small, **kwargs))
+        return np.asarray(Image.open(out).convert("RGB"))
+
+    alone = image()
+    with_lora = image(lora_weights=f"{file_host.url}/control-lora.safetensors", lora_scale=1.5)
+    assert not np.array_equal(with_lora, alone)  # the controlled steps run the LoRA-merged UNet
+    assert np.array_equal(image(), alone)  # and the LoRA is out again for the next request
