@@ -20,9 +20,12 @@ from typing import Optional
 import torch
 from cog import BasePredictor, Input, Path, Secret
 
+import control
 import embeddings
 import lora
+import preprocess
 import prompts
+import reference
 import stepcache
 import utils
 import vae
@@ -35,6 +38,8 @@ ASPECT_RATIO_CHOICES = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4"
 MEGAPIXEL_CHOICES = ["1", "0.25"]
 OUTPUT_FORMAT_CHOICES = ["webp", "jpg", "png"]
 HIRES_UPSCALER_CHOICES = ["latent", "lanczos"]
+REFERENCE_MODE_CHOICES = ["full", "style", "composition"]
+CONTROL_TYPE_CHOICES = ["canny", "depth", "openpose", "lineart", "lineart_anime", "softedge", "scribble", "tile"]
 SCHEDULER_CHOICES = [
     "default",
     "Euler a",
@@ -97,6 +102,8 @@ class Request:
     go_fast: bool = False  # step caching (stepcache.py): faster, changes the image
     embeddings: tuple[embeddings.EmbeddingInput, ...] = ()  # textual inversions, one per `embeddings` line
     vae: Optional[weights.WeightsRef] = None  # a user VAE instead of the model's own
+    control: Optional[control.ControlRequest] = None  # a ControlNet unit (control.py); None: no control acts
+    reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (reference.py)
 
 
 def check_inputs(
@@ -135,6 +142,15 @@ def check_inputs(
     more_loras: Optional[str] = None,
     embeddings_text: Optional[str] = None,
     vae_ref: Optional[str] = None,
+    control_image=None,
+    control_type: str = control.DEFAULT_CONTROL_TYPE,
+    control_preprocess: bool = True,
+    control_strength: float = 1.0,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
+    reference_image=None,
+    reference_strength: float = 0.6,
+    reference_mode: str = "full",
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -212,6 +228,12 @@ def check_inputs(
                f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
                "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
 
+    control_request = control.check_control(control_image, control_type, control_preprocess, control_strength,
+                                            control_start, control_end, size)
+    expect(control_request is None or not go_fast, "go_fast: step caching does not run with a control_image; set "
+           "go_fast to false")
+    reference_request = reference.check_reference(reference_image, reference_strength, reference_mode)
+
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
     zero_negative = negative_prompt is None and not spec.negative_prompt
@@ -254,6 +276,8 @@ def check_inputs(
         go_fast=bool(go_fast),
         embeddings=embedding_items,
         vae=user_vae,
+        control=control_request,
+        reference=reference_request,
     )
 
 
@@ -331,6 +355,9 @@ class Predictor(BasePredictor):
         self.caches: dict[str, weights.LoraCache] = {kind: weights.CACHE_CLASSES[kind].from_env()
                                                      for kind in ("embedding", "VAE")}
         self.user_vae: Optional[tuple[str, object]] = None
+        self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
+        self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too
+        self.references = reference.References(weights_dir)  # IP-Adapter, loaded on the first reference request
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -513,6 +540,48 @@ class Predictor(BasePredictor):
             "UserComment), readable by A1111's PNG Info and CivitAI.",
             default=True,
         ),
+        control_image: Optional[Path] = Input(
+            description="ControlNet: an image to control the composition with (edges, depth, pose, ... are "
+            "extracted from it as control_type says). Fitted to the output size as A1111's \"Crop and Resize\": "
+            "scaled to cover it, the overflow cut off equally on both sides.",
+            default=None,
+        ),
+        control_type: str = Input(
+            description="What control_image controls: canny edges, depth, openpose, lineart, lineart_anime, "
+            "softedge, scribble or tile (all served by the baked union ControlNet). Built-in preprocessors: canny, "
+            "depth, scribble, tile; for the others pass the map itself with control_preprocess=false.",
+            choices=CONTROL_TYPE_CHOICES,
+            default=control.DEFAULT_CONTROL_TYPE,
+        ),
+        control_preprocess: bool = Input(
+            description="Extract the control_type map from control_image; false: control_image already is that map "
+            "(e.g. a pose skeleton from another tool).",
+            default=True,
+        ),
+        control_strength: float = Input(
+            description="ControlNet strength (A1111's control weight); 0 = no control.", default=1.0, ge=0.0, le=2.0
+        ),
+        control_start: float = Input(
+            description="Fraction of the denoising steps where the control starts acting.", default=0.0, ge=0.0,
+            le=1.0,
+        ),
+        control_end: float = Input(
+            description="Fraction of the denoising steps where the control stops acting.", default=1.0, ge=0.0,
+            le=1.0,
+        ),
+        reference_image: Optional[Path] = Input(
+            description="IP-Adapter reference: an image whose character or style the output follows.", default=None
+        ),
+        reference_strength: float = Input(
+            description="How strongly the output follows reference_image; 0 = not at all.", default=0.6, ge=0.0,
+            le=1.0,
+        ),
+        reference_mode: str = Input(
+            description="What of reference_image is followed: full (everything), style (only the style blocks, as "
+            "InstantStyle does), composition (only the layout block).",
+            choices=REFERENCE_MODE_CHOICES,
+            default="full",
+        ),
     ) -> list[Path]:
         started = time.perf_counter()
         request = check_inputs(
@@ -550,6 +619,15 @@ class Predictor(BasePredictor):
             more_loras=more_loras,
             embeddings_text=embeddings,
             vae_ref=vae,
+            control_image=control_image,
+            control_type=control_type,
+            control_preprocess=control_preprocess,
+            control_strength=control_strength,
+            control_start=control_start,
+            control_end=control_end,
+            reference_image=reference_image,
+            reference_strength=reference_strength,
+            reference_mode=reference_mode,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
@@ -583,8 +661,9 @@ class Predictor(BasePredictor):
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
             images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None)
-        parameters = self.parameters(request, seed, fetched, loaded, user_vae[0] if user_vae else None) \
-            if request.embed_metadata else None
+        parameters = (self.parameters(request, seed, fetched, loaded, user_vae[0] if user_vae else None,
+                                      self.unit_parameters(request))
+                      if request.embed_metadata else None)
 
         if request.safety_checker:
             phase = time.perf_counter()
@@ -744,9 +823,22 @@ class Predictor(BasePredictor):
                                    f"got {request.clip_skip}")
         utils.make_scheduler(request.scheduler, model.scheduler_config)
 
+    def unit_parameters(self, request: Request) -> dict[str, str]:
+        """The A1111 extensions' infotext entries of this request's control unit."""
+        units = []
+        if request.control is not None:
+            units.append(control.infotext(request.control, self.controlnets.title, (request.width, request.height)))
+        if request.reference is not None:
+            units.append(reference.infotext(request.reference, self.references.title))
+        entries = {f"ControlNet {i}": unit for i, unit in enumerate(units)}
+        if request.reference is not None and request.reference.mode != "full":
+            entries["IP-Adapter mode"] = request.reference.mode  # InstantStyle blocks: no A1111 field for it
+        return entries
+
     @staticmethod
     def parameters(request: Request, seed: int, fetched: list[weights.LoraFile],
-                   loaded: Optional[list] = None, vae_file: Optional[weights.LoraFile] = None) -> list[str]:
+                   loaded: Optional[list] = None, vae_file: Optional[weights.LoraFile] = None,
+                   extra: Optional[dict[str, str]] = None) -> list[str]:
         """Each image's A1111 infotext (its own seed); built from token-free values only."""
         hashes = utils.lora_hashes([(file.ref.display, file.sha256) for file in fetched])
         ti_hashes = utils.lora_hashes([(emb.name, emb.sha256) for emb in loaded or []])
@@ -771,6 +863,7 @@ class Predictor(BasePredictor):
                 "VAE hash": vae_file.sha256[:10] if vae_file else None,
                 "VAE": vae_file.ref.display if vae_file else None,
                 "Step cache interval": stepcache.DEFAULT_INTERVAL if request.go_fast else None,
+                **(extra or {}),
                 "Version": "sdxl-lora-cog",
             }
             if request.hires_size:
@@ -817,7 +910,8 @@ class Predictor(BasePredictor):
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
-        pipe = model.pipeline(request.mode, fast=request.go_fast)
+        run = self.control_run(request)
+        pipe = control.pipeline(model, request.mode, request.go_fast, run, (request.width, request.height))
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
         # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to. Embedding
@@ -846,11 +940,13 @@ class Predictor(BasePredictor):
             kwargs.update(image=request.init_image, strength=request.strength)
         if request.mode == "inpaint":
             kwargs.update(mask_image=request.mask_image)
-        with vae.swapped(model, user_vae):
+        with vae.swapped(model, user_vae), \
+                self.references.attached(model.txt2img, request.reference, request.guidance > 1.0) as extra:
+            kwargs.update(extra)
             if request.hires_size is None:
                 images = pipe(**kwargs).images
             else:
-                images = self.hires_fix(request, model, pipe, kwargs)
+                images = self.hires_fix(request, model, pipe, kwargs, run)
         width, height = request.hires_size or (request.width, request.height)
         logger.info(
             "generated %d %dx%d images (%s, %s, %d steps) in %.2fs",
@@ -859,8 +955,21 @@ class Predictor(BasePredictor):
         )
         return images
 
+    def control_run(self, request: Request) -> Optional[control.ControlRun]:
+        """The request's ControlNet (loaded on first use) and control map, or None without control."""
+        if request.control is None:
+            return None
+        phase = time.perf_counter()
+        controlnet = self.controlnets.get()
+        unit = request.control
+        control_map = self.preprocessors.map(unit.type, unit.image, unit.preprocess)
+        logger.info("control map %s (%s) in %.3fs", unit.type, "extracted" if unit.preprocess else "given",
+                    time.perf_counter() - phase)
+        return control.ControlRun(request=unit, controlnet=controlnet, map=control_map)
+
     @staticmethod
-    def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict) -> list:
+    def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict,
+                  run: Optional[control.ControlRun] = None) -> list:
         """A1111's hires fix: first pass, upscale (latents or pixels), then an img2img pass at the final size."""
         phase = time.perf_counter()
         latent = request.hires_upscaler == "latent"
@@ -869,7 +978,7 @@ class Predictor(BasePredictor):
             upscaled = utils.upscale_latents(first, request.hires_size)
         else:
             upscaled = utils.upscale_images(first, request.hires_size)
-        refine = model.pipeline("img2img", fast=request.go_fast)
+        refine = control.pipeline(model, "img2img", request.go_fast, run, request.hires_size)
         refine.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength", "mask_image")}
         second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps)

@@ -375,6 +375,16 @@ class LoadedModel:
         if self.runner is not None:
             self.runner.drop()
 
+    def graph_runner(self):
+        """This model's graphs.GraphRunner (created on first use); None where graphs are off. For stand-ins built
+        outside pipeline() (control.ControlledUNet), so that all of a model's graphs go when it leaves."""
+        if self.runner is None and self.graph_capture is not None:
+            from graphs import GraphRunner, cuda_graph_pool
+
+            pool = cuda_graph_pool if self.txt2img.unet.device.type == "cuda" else (lambda: None)
+            self.runner = GraphRunner(self.graph_capture, pool)
+        return self.runner
+
 
 @dataclass
 class Models:

@@ -14,6 +14,10 @@ Layout (the same as script/download_weights writes for the real weights):
     DIR/sdxl-base/           the same for standard SDXL base 1.0
     DIR/sdxl-vae-fp16-fix/   AutoencoderKL shared by both models
     DIR/safety-checker/      StableDiffusionSafetyChecker with its preprocessor_config.json
+    DIR/controlnet-union-promax/  ControlNetUnionModel with the union promax model's 8 control types
+    DIR/depth-anything-v2-small/  DepthAnythingForDepthEstimation (DINOv2 backbone) and its DPT image processor
+    DIR/ip-adapter/          h94's layout: sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors (original key names)
+                             and models/image_encoder/ (CLIPVisionModelWithProjection)
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402  (the layout is defined once, in utils.py)
+from control import CONTROLNET_DIR  # noqa: E402
+from preprocess import DEPTH_DIR  # noqa: E402
+from reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.
@@ -235,12 +242,114 @@ def build_safety_checker(folder: Path, seed: int) -> None:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
 
 
+def build_controlnet(folder: Path, unet_folder: Path, seed: int) -> None:
+    """A union ControlNet for the tiny UNet, built directly (from_unet would give 6 control types, promax has 8)."""
+    from diffusers import ControlNetUnionModel
+
+    unet = json.loads((unet_folder / "config.json").read_text())
+    copied = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+              "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+              "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+              "norm_num_groups", "upcast_attention")
+    width = unet["block_out_channels"][0]
+    torch.manual_seed(seed)
+    controlnet = ControlNetUnionModel(
+        **{name: unet[name] for name in copied},
+        conditioning_embedding_out_channels=(4, 8, 8, 16),  # three stride-2 convs: the map is 8x the latent
+        num_control_type=8,
+        num_trans_channel=width,  # the forward adds both to the conditioning features (block_out_channels[0])
+        num_proj_channel=width,
+        num_trans_head=2,
+        num_trans_layer=1,
+    )
+    # The zero convolutions start at zero (no control at all): small noise makes the control change the image.
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    controlnet.save_pretrained(folder)
+
+
+def build_depth(folder: Path, seed: int) -> None:
+    """Depth Anything V2 in the real folder layout: a two-layer DINOv2 backbone, two neck stages, and the real
+    processor settings except its size (56 instead of 518 px, still a multiple of the 14-px patch)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                            image_size=56, patch_size=14, out_features=["stage1", "stage2"], out_indices=[1, 2],
+                            reshape_hidden_states=False, apply_layernorm=True)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 16],
+                                 reassemble_factors=[2, 1], fusion_hidden_size=8, head_hidden_size=4, head_in_index=-1,
+                                 patch_size=14, use_pretrained_backbone=False)
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(do_resize=True, size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      resample=3, do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_pad=False).save_pretrained(folder)
+
+
+def _original_resampler_keys(state: dict) -> dict:
+    """diffusers' IPAdapterPlusImageProjection names -> the names of h94's files (what diffusers converts from)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            out[key] = value
+            continue
+        i, rest = parts[1], ".".join(parts[2:])
+        renamed = {"ln0.weight": "0.norm1.weight", "ln0.bias": "0.norm1.bias", "ln1.weight": "0.norm2.weight",
+                   "ln1.bias": "0.norm2.bias", "attn.to_q.weight": "0.to_q.weight",
+                   "attn.to_out.0.weight": "0.to_out.weight", "ff.0.weight": "1.0.weight", "ff.0.bias": "1.0.bias",
+                   "ff.1.net.0.proj.weight": "1.1.weight", "ff.1.net.2.weight": "1.3.weight"}
+        if rest == "attn.to_k.weight":
+            out[f"layers.{i}.0.to_kv.weight"] = torch.cat([value, state[f"layers.{i}.attn.to_v.weight"]])
+        elif rest != "attn.to_v.weight":
+            out[f"layers.{i}.{renamed[rest]}"] = value
+    return out
+
+
+def build_ip_adapter(root: Path, unet_folder: Path, seed: int) -> None:
+    """IP-Adapter Plus in h94's layout for the tiny UNet: a tiny CLIP vision encoder, a Plus resampler (4 layers,
+    as the real one) and to_k_ip/to_v_ip for each cross-attention processor (keys 1, 3, 5, ... in UNet order)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=16))
+    encoder.save_pretrained(root / ENCODER_FOLDER)
+    unet_config = json.loads((unet_folder / "config.json").read_text())
+    unet = UNet2DConditionModel.from_config(unet_config)
+    cross = unet_config["cross_attention_dim"]
+    resampler = IPAdapterPlusImageProjection(embed_dims=16, output_dims=cross, hidden_dims=32, depth=4, dim_head=64,
+                                             heads=1, num_queries=4, ffn_ratio=4)
+    tensors = {f"image_proj.{k}": v for k, v in _original_resampler_keys(resampler.state_dict()).items()}
+    channels = unet_config["block_out_channels"]
+    names = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for j, name in enumerate(names):
+        block = int(name.split(".")[1]) if not name.startswith("mid_block") else None
+        hidden = (channels[-1] if block is None else
+                  list(reversed(channels))[block] if name.startswith("up_blocks") else channels[block])
+        for kind in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{1 + 2 * j}.{kind}.weight"] = torch.randn(hidden, cross) * 0.2
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("image_proj."):
+                tensors[key] = value + torch.randn_like(value) * 0.02
+    (root / ADAPTER_SUBFOLDER).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / ADAPTER_SUBFOLDER / ADAPTER_FILE))
+
+
 def write_tiny_weights(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for offset, name in enumerate(MODEL_DIRS.values()):
         build_pipeline_folder(root / name, seed=100 * (offset + 1))
     build_vae(root / VAE_DIR, seed=7)
     build_safety_checker(root / SAFETY_DIR, seed=11)
+    build_controlnet(root / CONTROLNET_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=13)
+    build_depth(root / DEPTH_DIR, seed=17)
+    build_ip_adapter(root / REFERENCE_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=19)
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root
 

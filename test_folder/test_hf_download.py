@@ -287,6 +287,10 @@ SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
 ILLUSTRIOUS_REPO = "OnomaAIResearch/Illustrious-xl-early-release-v0"
 ILLUSTRIOUS_FILE = "Illustrious-XL-v0.1.safetensors"
 TOKEN = "hf_fake_token_for_tests_0123456789"
+# The ControlNet's source is pinned to the real file's sha256, which no fake file can have: test_control.py covers
+# that component (its pin refusing another file, and its renamed layout with the pin set to the tiny file's).
+BASE = ["vae", "safety", "sdxl", "illustrious"]
+BASE_ONLY = [arg for name in BASE for arg in ("--only", name)]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -352,6 +356,8 @@ def pins_file(hub_repos, tmp_path_factory) -> Path:
     script = _load_script()
     pins = {}
     for name, pin in script.PINS.items():
+        if name not in BASE:  # the control components are served by their own tests' fake repos
+            continue
         files = hub_repos[script.SOURCES[name]["repo"]]
         pins[name] = {"commit": pin["commit"],
                       "files": {rel: [len(files[rel]), sha256(files[rel])] for rel in pin["files"]}}
@@ -409,7 +415,7 @@ def downloaded(hub: FakeHFHub, pins_file: Path, tmp_path_factory):
     """One full `script/download_weights` run against the real listings: (dest, result, repo requests)."""
     dest = tmp_path_factory.mktemp("downloaded") / "weights"
     before = len(hub.requests)
-    result = run_script(hub, dest, pins=pins_file)
+    result = run_script(hub, dest, *BASE_ONLY, pins=pins_file)
     return dest, result, repo_requests(hub, before)
 
 
@@ -501,11 +507,18 @@ def test_downloads_layout_verifies_and_is_idempotent(downloaded, hub: FakeHFHub,
     # second run: nothing requested from the hub, nothing changed
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
     count = len(hub.requests)
-    again = run_script(hub, dest, pins=pins_file)
+    again = run_script(hub, dest, *BASE_ONLY, pins=pins_file)
     assert again.returncode == 0, again.stdout + again.stderr
     assert repo_requests(hub, count) == []
     assert again.stdout.count("already complete") == 4
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == mtimes
+
+    # a damaged component is no longer "complete" (checked in-process: no subprocess, no network)
+    script = _load_script()
+    assert all(script.is_complete(name, dest / script.SOURCES[name]["folder"]) for name in BASE)
+    vae_file = dest / VAE_DIR / "diffusion_pytorch_model.safetensors"
+    vae_file.write_bytes(vae_file.read_bytes()[:100])
+    assert not script.is_complete("vae", dest / VAE_DIR)
     assert_no_leftovers(dest)
 
 
