@@ -124,6 +124,52 @@ HUB_LISTINGS: dict[str, dict] = {
             "unet/diffusion_pytorch_model.safetensors": None,
         },
     },
+    # The control components (control.py, preprocess.py, reference.py). Facts from docs/components.md, which
+    # says where each came from.
+    "xinsir/controlnet-union-sdxl-1.0": {
+        "commit": "801a4a3fa3d4c936f4feea95b98607bc6726f80c",
+        "source": "the Hub's tree page at 801a4a3 (18 commits, 'Update README.md'): config.json 1.24 kB, "
+                  "config_promax.json 1.26 kB, diffusion_pytorch_model.safetensors 2,512,030,408 B, "
+                  "diffusion_pytorch_model_promax.safetensors 2,513,342,408 B (mirror LFS pointers agree). Other "
+                  "files (images, README) are not asked for.",
+        "files": {
+            ".gitattributes": None,
+            "README.md": None,
+            "config.json": 1240,
+            "config_promax.json": 1260,
+            "diffusion_pytorch_model.safetensors": 2512030408,
+            "diffusion_pytorch_model_promax.safetensors": 2513342408,
+        },
+    },
+    "depth-anything/Depth-Anything-V2-Small-hf": {
+        "commit": "5426e4f0f36572d16453bbda7a8389317b1bef99",
+        "source": "the Hub's blob page of model.safetensors (99,173,660 B) and the tree at 5426e4f: config.json "
+                  "950 B, preprocessor_config.json 775 B.",
+        "files": {
+            ".gitattributes": None,
+            "README.md": None,
+            "config.json": 950,
+            "model.safetensors": 99173660,
+            "preprocessor_config.json": 775,
+        },
+    },
+    "h94/IP-Adapter": {
+        "commit": "018e402774aeeddd60609b4ecdb7e298259dc729",
+        "source": "the commit as pinned in public resolve/ URLs; h94's blob page of the ViT-H adapter (847,517,512 "
+                  "B) and copies of models/image_encoder (config.json 560 B, model.safetensors 2,528,373,448 B). "
+                  "The repo holds many more adapters (SD 1.5, other SDXL ones): none is asked for; only these and "
+                  "the ViT-bigG encoder (sdxl_models/image_encoder, which the vit-h adapters must not use) are "
+                  "listed.",
+        "files": {
+            ".gitattributes": None,
+            "README.md": None,
+            "models/image_encoder/config.json": 560,
+            "models/image_encoder/model.safetensors": 2528373448,
+            "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors": 847517512,
+            "sdxl_models/image_encoder/config.json": None,
+            "sdxl_models/image_encoder/model.safetensors": None,
+        },
+    },
 }
 
 
