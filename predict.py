@@ -135,6 +135,8 @@ def check_inputs(
         if not ok:
             raise utils.InputError(message)
 
+    image, mask = (None if isinstance(v, str) and not v.strip() else v for v in (image, mask))  # "" from a form
+
     spec = utils.model_spec(use_standard_sdxl)
     checkpoint_ref = None
     if checkpoint is not None and checkpoint.strip():
@@ -186,12 +188,15 @@ def check_inputs(
         size = utils.preset_size(aspect_ratio, megapixels)
     if image is not None:
         mode = "inpaint" if mask is not None else "img2img"
-        source = utils.open_image(image, "image")
-        if aspect_ratio != "custom":
-            size = utils.size_for_image(source.size, megapixels)
-        init_image = utils.load_rgb(source, size, "image")
+        # URLs are fetched by weights.input_file (address guard, deadline, size cap, no query in errors), not coglet.
+        with weights.input_file(image, "image") as image_path:
+            source = utils.open_image(image_path, "image")
+            if aspect_ratio != "custom":
+                size = utils.size_for_image(source.size, megapixels)
+            init_image = utils.load_rgb(source, size, "image")
         if mask is not None:
-            mask_image = utils.load_mask(utils.open_image(mask, "mask"), size)
+            with weights.input_file(mask, "mask") as mask_path:
+                mask_image = utils.load_mask(utils.open_image(mask_path, "mask"), size)
         effective_steps = int(num_inference_steps * prompt_strength)
         expect(effective_steps >= 1,
                f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
@@ -310,13 +315,15 @@ class Predictor(BasePredictor):
             choices=MEGAPIXEL_CHOICES,
             default="1",
         ),
-        image: Optional[Path] = Input(
-            description="Input image for img2img (or inpainting with mask). The output keeps its aspect ratio "
-            "at the megapixels size, unless aspect_ratio is custom.",
+        # Strings, not cog.Path: coglet would download a Path URL itself, past our address guard and size cap.
+        image: Optional[str] = Input(
+            description="Input image for img2img (or inpainting with mask): an http(s) URL or a data: URL of a PNG, "
+            "JPEG or WebP. The output keeps its aspect ratio at the megapixels size, unless aspect_ratio is custom.",
             default=None,
         ),
-        mask: Optional[Path] = Input(
-            description="Inpainting mask for image: white is repainted, black is kept.", default=None
+        mask: Optional[str] = Input(
+            description="Inpainting mask for image (an http(s) or data: URL): white is repainted, black is kept.",
+            default=None,
         ),
         prompt_strength: float = Input(
             description="img2img/inpainting strength: 1.0 fully repaints the image, 0 keeps it.",

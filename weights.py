@@ -1167,7 +1167,8 @@ def _download_timeout() -> float:
 def _check_deadline(deadline: float, started: float, ctx: _Context, have: int) -> None:
     if time.monotonic() > deadline:
         raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} took too long",
-                   expected=f"at most {deadline - started:.3g}s (LORA_DOWNLOAD_TIMEOUT)",
+                   expected=f"at most {deadline - started:.3g}s "
+                            f"({'INPUT' if ctx.kind == 'image' else 'LORA'}_DOWNLOAD_TIMEOUT)",
                    got=f"{have} bytes after {time.monotonic() - started:.3g}s",
                    hint="The source is too slow; try again later or use another mirror.")
 
@@ -2236,6 +2237,102 @@ class LoraCache:
                 if not self._pins[key]:
                     self._index.pop(key)
                     self._remove_folder(entry.folder)
+
+
+# ------------------------------------------------------------------------------------ image and mask URLs
+DEFAULT_INPUT_MAX_BYTES = 64 * MiB  # INPUT_MAX_BYTES: a 4096x4096 RGBA PNG stays well under it
+DEFAULT_INPUT_DOWNLOAD_TIMEOUT = 120.0  # INPUT_DOWNLOAD_TIMEOUT: seconds for one image, headers included
+
+
+@contextlib.contextmanager
+def input_file(value: Any, input_name: str) -> Iterator[Path]:
+    """A local file holding an `image` / `mask` input, removed when the block ends.
+
+    The inputs are strings (not cog.Path) so that coglet does not fetch them itself, unguarded: an http(s) URL is
+    downloaded here with the LoRA downloads' guard (REFUSED_NETWORKS on every hop), deadline (every byte, headers
+    included, within INPUT_DOWNLOAD_TIMEOUT), size cap (INPUT_MAX_BYTES on the bytes as they arrive, encoded
+    bodies refused) and scrubbing (the query and userinfo never reach errors or logs).  A data: URL (what an upload
+    from `cog predict -i image=@x.png` or a client library becomes) is decoded under the same cap.  A path object
+    (in-process callers) is used as it is; a plain string that is neither is refused: a caller of the server must
+    not be able to read the server's own files.
+    """
+    if isinstance(value, os.PathLike):
+        yield Path(value)
+        return
+    text = str(value).strip()
+    cap = _env_int("INPUT_MAX_BYTES", DEFAULT_INPUT_MAX_BYTES)
+    scheme = text.split(":", 1)[0].lower() if ":" in text else ""
+    if scheme not in ("data", "http", "https"):
+        raise _err(InvalidReferenceError, input_name, "not an image URL", expected="an http(s) URL or a data: URL",
+                   got=repr(_safe_text(text)[:60]))
+    folder = Path(tempfile.mkdtemp(prefix=f"{input_name}-"))
+    try:
+        dest = folder / "input"
+        if scheme == "data":
+            head, _, body = text.partition(",")
+            if len(body) * (3 / 4 if head.lower().endswith(";base64") else 1 / 3) > cap:
+                raise _err(TooLargeError, input_name, "the data: URL is too large",
+                           expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{len(text)} characters")
+            try:
+                dest.write_bytes(_decode_data_url(text))
+            except InvalidReferenceError as err:
+                raise _err(InvalidReferenceError, input_name, str(err), expected="data:[<type>][;base64],<payload>",
+                           got="a malformed data: URL") from None
+        else:
+            _fetch_input_url(text, dest, input_name, cap)
+        yield dest
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fetch_input_url(url: str, dest: Path, input_name: str, cap: int) -> None:
+    if len(url) > MAX_URL_CHARS:
+        raise _err(InvalidReferenceError, input_name, "the URL is too long", expected=f"at most {MAX_URL_CHARS} characters",
+                   got=f"{len(url)} characters starting {_safe_text(url)[:60]!r}")
+    parts = urlsplit(url)
+    ctx = _Context(input_name, _safe_text(url), Tokens(), cap, tuple(s for s in (parts.query, parts.password) if s),
+                   kind="image")
+    started = time.monotonic()
+    try:
+        timeout = float(os.environ.get("INPUT_DOWNLOAD_TIMEOUT", "").strip() or DEFAULT_INPUT_DOWNLOAD_TIMEOUT)
+    except ValueError:
+        timeout = DEFAULT_INPUT_DOWNLOAD_TIMEOUT
+    try:
+        with _DeadlineSession(started, started + timeout) as session, dest.open("wb") as out:
+            resp = _open(session, url, ctx, _Auth({}, None), extra={"Accept-Encoding": "identity"},
+                         not_found="Check the image link.")
+            try:
+                encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise _err(IncompatibleError, input_name, f"{ctx.display} sent an encoded body",
+                               expected="the image itself (we ask for Accept-Encoding: identity)",
+                               got=f"Content-Encoding: {_short(encoding, 40)}")
+                length = resp.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > cap:
+                    raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
+                               expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{int(length) / MiB:.0f} MiB")
+                try:
+                    for block in _body_chunks(resp):
+                        out.write(block)
+                        if out.tell() > cap:
+                            raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
+                                       expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got="more")
+                        _check_deadline(session.deadline, started, ctx, out.tell())
+                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                    _session_deadline(session, ctx, out.tell())
+                    raise _err(NetworkError, input_name, f"the download of {ctx.display} broke off",
+                               expected="the whole image", got=f"{out.tell()} bytes") from _scrub(err, ctx.secrets)
+            finally:
+                resp.close()
+            if length.isdigit() and out.tell() < int(length):
+                raise _err(NetworkError, input_name, f"the download of {ctx.display} was cut short",
+                           expected=f"{length} bytes", got=f"{out.tell()} bytes")
+    except WeightsError as err:
+        _scrub_chain(err, ctx.secrets)
+        logger.warning("%s %s: failed with %s after %.2fs", input_name, ctx.display, type(err).__name__,
+                       time.monotonic() - started)
+        raise
+    logger.info("%s %s: %d bytes in %.2fs", input_name, ctx.display, dest.stat().st_size, time.monotonic() - started)
 
 
 def _default_checkpoint_dir() -> Path:
