@@ -1708,9 +1708,10 @@ def _hf_diffusers_plan(ref: WeightsRef, ctx: _Context, sha: str, files: list, pr
                            hint="Try again.")
             if f.path.endswith(".safetensors"):
                 try:
-                    check_safetensors(got)
+                    header = check_safetensors(got)
                 except ValueError as err:
                     raise _not_safetensors(c, f"{f.path}: {err}", "") from err
+                _check_values(got, header, c, what=f" ({f.path})")
             rel = f.path[len(prefix):].replace(".fp16.safetensors", ".safetensors")
             target = tmp / DIFFUSERS_DIR / rel
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ independent references, and the worst cases through the real Cog server.
 from __future__ import annotations
 
 import ipaddress
-import json
 import struct
 import threading
 import time
