@@ -1105,6 +1105,8 @@ def _open(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, ex
         try:
             resp = session.request(method, url, headers=headers, stream=True, allow_redirects=False,
                                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            # Headers cut by the deadline's shutdown end like complete ones (EOF ends the header block): check.
+            _session_deadline(session, ctx)
         except (requests.ConnectionError, requests.Timeout) as err:
             _session_deadline(session, ctx)
             if attempt >= MAX_RETRIES:
@@ -1148,6 +1150,7 @@ def _json(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, au
     try:
         return resp.json()
     except ValueError:
+        _session_deadline(session, ctx)  # a body cut by the deadline is not JSON: say what happened
         raise _err(NetworkError, ctx.input_name, f"{ctx.display}: the API answered with something that is not JSON",
                    expected="JSON", got=resp.headers.get("Content-Type", "no content type")) from None
     finally:
@@ -1237,6 +1240,7 @@ def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Contex
                         if out.tell() > cap:
                             raise _too_large(ctx, out.tell())
                         _check_deadline(deadline, started, ctx, out.tell())
+                    _session_deadline(session, ctx, out.tell())  # a body ended by the deadline's shutdown
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                     _session_deadline(session, ctx, out.tell())
                     if attempt >= MAX_RETRIES:
@@ -2319,6 +2323,7 @@ def _fetch_input_url(url: str, dest: Path, input_name: str, cap: int) -> None:
                             raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
                                        expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got="more")
                         _check_deadline(session.deadline, started, ctx, out.tell())
+                    _session_deadline(session, ctx, out.tell())  # a body ended by the deadline's shutdown
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                     _session_deadline(session, ctx, out.tell())
                     raise _err(NetworkError, input_name, f"the download of {ctx.display} broke off",
