@@ -15,6 +15,7 @@ independent references, and the worst cases through the real Cog server.
 from __future__ import annotations
 
 import ipaddress
+import json
 import struct
 import threading
 import time
@@ -217,3 +218,24 @@ def test_worst_case_sources_through_the_server(name, limits_server, hostile_host
     print(f"{name}: failed after {took:.2f}s; /health-check answered {len(health.answers)} times")
     assert limits_server.predict(SMALL)["output"] == control
     assert _cache_loads(limits_server.lora_cache) == before
+
+
+def test_image_url_query_never_shows_through_the_server(limits_server, tmp_path):
+    """`image` URLs are fetched by us, not coglet: a signed query shows in no error, log line or response, on
+    success and on failure (coglet used to quote the whole URL)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 90, 200)).save(buf, format="PNG")
+    secrets = ("tok_QUERYsecret1", "sigQUERYsecret2")
+    with FakeServer() as host:
+        host.add_file("/in.png", buf.getvalue(), content_type="image/png")
+        query = f"?token={secrets[0]}&X-Amz-Signature={secrets[1]}"
+        ok = limits_server.predict({**SMALL, "image": f"{host.url}/in.png{query}", "prompt_strength": 0.5})
+        gone = limits_server.predict({**SMALL, "image": f"{host.url}/gone.png{query}"})
+    assert ok["status"] == "succeeded", ok.get("error")
+    assert gone["status"] == "failed" and "image: " in gone["error"] and "HTTP 404" in gone["error"]
+    seen = json.dumps([ok, gone]) + limits_server.log_path.read_text("utf-8", errors="replace")
+    assert not [s for s in secrets if s in seen]
