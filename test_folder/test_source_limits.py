@@ -233,7 +233,7 @@ def test_image_url_query_never_shows_through_the_server(limits_server, tmp_path)
     with FakeServer() as host:
         host.add_file("/in.png", buf.getvalue(), content_type="image/png")
         query = f"?token={secrets[0]}&X-Amz-Signature={secrets[1]}"
-        ok = limits_server.predict({**SMALL, "image": f"{host.url}/in.png{query}", "prompt_strength": 0.5})
+        ok = limits_server.predict({**SMALL, "image": f"{host.url}/in.png{query}", "prompt_strength": 1.0})
         gone = limits_server.predict({**SMALL, "image": f"{host.url}/gone.png{query}"})
     assert ok["status"] == "succeeded", ok.get("error")
     assert gone["status"] == "failed" and "image: " in gone["error"] and "HTTP 404" in gone["error"]
