@@ -801,7 +801,8 @@ _FLOAT_BITS = {
 
 
 def _bound_bits(dtype: str, bound: float) -> int:
-    """The magnitude bits of the largest value of `dtype` that is <= bound."""
+    """The magnitude bits of the largest value of `dtype` that is <= bound (fp8: of its largest finite value, so
+    only NaN / Inf are refused in fp8 files; their range, 448 or 57344, is the bound)."""
     import numpy as np
 
     if dtype == "BF16":
