@@ -1,7 +1,9 @@
 """Hostile LoRA and image sources, end to end through predict(): one table, served from loopback.
 
 Every row is a source that misbehaves (HTTP errors, login pages, truncated or forged bodies, pickles, foreign or
-oversize files, redirect tricks, link-local targets, slow drips, a full disk, bad or huge images) given to
+oversize files, redirect tricks, link-local targets, slow drips, a full disk, bad or huge images; and from issue 14:
+tar bombs, sparse and many-member tars, dripped headers and endless `100 Continue`, encoded bodies, metadata
+addresses, `?token=` cache identity, malformed safetensors headers, NaN / Inf / absurd weights) given to
 `lora_weights`, `extra_lora`, `image` or `mask` through a direct URL, the fake Hugging Face Hub, CivitAI,
 Replicate or a data: URL. For each row the test checks what a user would notice:
 
@@ -11,6 +13,8 @@ Replicate or a data: URL. For each row the test checks what a user would notice:
   (b) the LoRA cache holds no partial or bad file afterwards: no temp leftovers, no entry for the bad source,
       every entry intact (sha256 and safetensors structure as its index entry says), the index matching the disk;
   (c) the next normal prediction is byte-identical to a control made before the hostile one.
+
+Every error must also be short (under 1 000 characters) and may not contain the row's `hides` texts (secrets).
 
 The in-process predictor (shared with the other modules) runs the rows, with its LoRA cache swapped for one of
 this module's, configured through the cache's own settings (per-file cap, free-disk floor). Image inputs that
