@@ -17,8 +17,8 @@ Replicate or a data: URL. For each row the test checks what a user would notice:
 Every error must also be short (under 1 000 characters) and may not contain the row's `hides` texts (secrets).
 
 The in-process predictor (shared with the other modules) runs the rows, with its LoRA cache swapped for one of
-this module's, configured through the cache's own settings (per-file cap, free-disk floor). Image inputs that
-coglet itself downloads go through the real Cog server; the full disk is a fetch in a child process whose file
+this module's, configured through the cache's own settings (per-file cap, free-disk floor). Some image URL
+rows go through the real Cog server as well; the full disk is a fetch in a child process whose file
 size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the download's writes fail part way, as a full disk does.
 """
 
@@ -309,7 +309,7 @@ class Case:
     error: type[Exception] | None
     input: str = "lora_weights"
     says: tuple[str, ...] = ()  # regexes the message must contain, besides "<input>: ... expected ... got ..."
-    via: str = "predictor"  # or "server": the real Cog server (coglet downloads image URLs itself)
+    via: str = "predictor"  # or "server": the real Cog server (image URLs as a caller of the server sends them)
     env: dict = field(default_factory=dict)  # env vars, weights constants (upper case) or cache settings for the row
     check: Callable[[World, str], None] | None = None  # more to check afterwards
     hides: tuple[str, ...] = ()  # texts (secrets) the message must not contain
@@ -759,7 +759,7 @@ def test_hostile_source_fails_clearly_leaves_no_bad_file_and_the_next_prediction
 
 
 def _server_row(case: Case, inputs: dict, world: World, server_control: list) -> None:
-    """An image input that coglet downloads itself: the failure comes back as the prediction's error."""
+    """An image URL sent to the real server: the failure comes back as the prediction's error."""
     server, control = server_control
     result = server.predict({**SMALL, **inputs})
     assert result["status"] == "failed", result
