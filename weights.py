@@ -2281,14 +2281,18 @@ def input_file(value: Any, input_name: str) -> Iterator[Path]:
         dest = folder / "input"
         if scheme == "data":
             head, _, body = text.partition(",")
-            if len(body) * (3 / 4 if head.lower().endswith(";base64") else 1 / 3) > cap:
-                raise _err(TooLargeError, input_name, "the data: URL is too large",
-                           expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{len(text)} characters")
+            too_large = _err(TooLargeError, input_name, "the data: URL is too large",
+                             expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{len(text)} characters")
+            if len(body) * (3 / 4 if head.lower().endswith(";base64") else 1 / 3) > cap:  # before decoding it
+                raise too_large
             try:
-                dest.write_bytes(_decode_data_url(text))
+                payload = _decode_data_url(text)
             except InvalidReferenceError as err:
                 raise _err(InvalidReferenceError, input_name, str(err), expected="data:[<type>][;base64],<payload>",
                            got="a malformed data: URL") from None
+            if len(payload) > cap:
+                raise too_large
+            dest.write_bytes(payload)
         else:
             _fetch_input_url(text, dest, input_name, cap)
         yield dest
