@@ -188,10 +188,6 @@ def check_inputs(
         size = utils.preset_size(aspect_ratio, megapixels)
     if image is not None:
         mode = "inpaint" if mask is not None else "img2img"
-        effective_steps = int(num_inference_steps * prompt_strength)
-        expect(effective_steps >= 1,
-               f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
-               "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
         # URLs are fetched by weights.input_file (address guard, deadline, size cap, no query in errors), not coglet.
         with weights.input_file(image, "image") as image_path:
             source = utils.open_image(image_path, "image")
@@ -201,6 +197,10 @@ def check_inputs(
         if mask is not None:
             with weights.input_file(mask, "mask") as mask_path:
                 mask_image = utils.load_mask(utils.open_image(mask_path, "mask"), size)
+        effective_steps = int(num_inference_steps * prompt_strength)
+        expect(effective_steps >= 1,
+               f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
+               "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
 
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
