@@ -158,6 +158,8 @@ def check_inputs(
         if not ok:
             raise utils.InputError(message)
 
+    image, mask = (None if isinstance(v, str) and not v.strip() else v for v in (image, mask))  # "" from a form
+
     spec = utils.model_spec(use_standard_sdxl)
     checkpoint_ref = None
     if checkpoint is not None and checkpoint.strip():
@@ -217,22 +219,29 @@ def check_inputs(
         size = utils.preset_size(aspect_ratio, megapixels)
     if image is not None:
         mode = "inpaint" if mask is not None else "img2img"
-        source = utils.open_image(image, "image")
-        if aspect_ratio != "custom":
-            size = utils.size_for_image(source.size, megapixels)
-        init_image = utils.load_rgb(source, size, "image")
+        # URLs are fetched by weights.input_file (address guard, deadline, size cap, no query in errors), not coglet.
+        with weights.input_file(image, "image") as image_path:
+            source = utils.open_image(image_path, "image")
+            if aspect_ratio != "custom":
+                size = utils.size_for_image(source.size, megapixels)
+            init_image = utils.load_rgb(source, size, "image")
         if mask is not None:
-            mask_image = utils.load_mask(utils.open_image(mask, "mask"), size)
+            with weights.input_file(mask, "mask") as mask_path:
+                mask_image = utils.load_mask(utils.open_image(mask_path, "mask"), size)
         effective_steps = int(num_inference_steps * prompt_strength)
         expect(effective_steps >= 1,
                f"prompt_strength: with num_inference_steps={num_inference_steps} a strength of {prompt_strength} "
                "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
 
-    control_request = control.check_control(control_image, control_type, control_preprocess, control_strength,
-                                            control_start, control_end, size)
+    with contextlib.ExitStack() as files:  # fetched as `image` is; each request holds its decoded image
+        control_path, reference_path = (None if value is None else files.enter_context(weights.input_file(value, name))
+                                        for name, value in (("control_image", control_image),
+                                                            ("reference_image", reference_image)))
+        control_request = control.check_control(control_path, control_type, control_preprocess, control_strength,
+                                                control_start, control_end, size)
+        reference_request = reference.check_reference(reference_path, reference_strength, reference_mode)
     expect(control_request is None or not go_fast, "go_fast: step caching does not run with a control_image; set "
            "go_fast to false")
-    reference_request = reference.check_reference(reference_image, reference_strength, reference_mode)
 
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
@@ -401,13 +410,15 @@ class Predictor(BasePredictor):
             choices=MEGAPIXEL_CHOICES,
             default="1",
         ),
-        image: Optional[Path] = Input(
-            description="Input image for img2img (or inpainting with mask). The output keeps its aspect ratio "
-            "at the megapixels size, unless aspect_ratio is custom.",
+        # Strings, not cog.Path: coglet would download a Path URL itself, past our address guard and size cap.
+        image: Optional[str] = Input(
+            description="Input image for img2img (or inpainting with mask): an http(s) URL or a data: URL of a PNG, "
+            "JPEG or WebP. The output keeps its aspect ratio at the megapixels size, unless aspect_ratio is custom.",
             default=None,
         ),
-        mask: Optional[Path] = Input(
-            description="Inpainting mask for image: white is repainted, black is kept.", default=None
+        mask: Optional[str] = Input(
+            description="Inpainting mask for image (an http(s) or data: URL): white is repainted, black is kept.",
+            default=None,
         ),
         prompt_strength: float = Input(
             description="img2img/inpainting strength: 1.0 fully repaints the image, 0 keeps it.",
@@ -540,8 +551,8 @@ class Predictor(BasePredictor):
             "UserComment), readable by A1111's PNG Info and CivitAI.",
             default=True,
         ),
-        control_image: Optional[Path] = Input(
-            description="ControlNet: an image to control the composition with (edges, depth, pose, ... are "
+        control_image: Optional[str] = Input(
+            description="ControlNet: an image (an http(s) or data: URL, fetched as image is) to control the composition with (edges, depth, pose, ... are "
             "extracted from it as control_type says). Fitted to the output size as A1111's \"Crop and Resize\": "
             "scaled to cover it, the overflow cut off equally on both sides.",
             default=None,
@@ -569,8 +580,9 @@ class Predictor(BasePredictor):
             description="Fraction of the denoising steps where the control stops acting.", default=1.0, ge=0.0,
             le=1.0,
         ),
-        reference_image: Optional[Path] = Input(
-            description="IP-Adapter reference: an image whose character or style the output follows.", default=None
+        reference_image: Optional[str] = Input(
+            description="IP-Adapter reference: an image (an http(s) or data: URL) whose character or style the output "
+            "follows.", default=None
         ),
         reference_strength: float = Input(
             description="How strongly the output follows reference_image; 0 = not at all.", default=0.6, ge=0.0,

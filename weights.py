@@ -14,17 +14,21 @@ Sources: Hugging Face (huggingface_hub against HF_ENDPOINT), CivitAI (CIVITAI_AP
 (REPLICATE_API_BASE / REPLICATE_WEB_BASE), plain http(s) URLs and data: URLs.  See REFERENCE_FORMS for the
 accepted spellings.  Secrets (tokens, signed query strings) never reach logs, error messages (nor their
 __cause__ / __context__ chains), cache keys or file names: everything user-visible is built from `WeightsRef.display`.
-A plain URL's cache key is its normalised URL plus its query minus signing/auth/expiry parameters (hashed).
+A plain URL's cache key is a hash of its normalised URL and its query minus signing parameters (auth parameters
+such as token= stay in, hashed); a URL with signing parameters is keyed on the host's ETag for it as well.
 
 Network safety:
   * SSRF guard (`_check_host`), before every request hop, before pget gets a URL and for the API bases: hosts
-    resolving (any address) to link-local / cloud metadata, multicast, unspecified or reserved addresses, or named
-    like a metadata service, are refused; loopback and private ranges too unless LORA_ALLOW_LOCAL_HOSTS=1.  (A name
-    is resolved here and again by the HTTP client: DNS rebinding between the two is not prevented.)
+    resolving (any address) into REFUSED_NETWORKS (one table: metadata and link-local, multicast, unspecified,
+    reserved always; loopback and private unless LORA_ALLOW_LOCAL_HOSTS=1) or named like a metadata service are
+    refused.  (A name is resolved here and again by the HTTP client: DNS rebinding between the two is not prevented.)
   * Redirects are followed by our client, hop by hop; pget only ever gets the final, checked URL, and only for a
     known size within LORA_MAX_BYTES (else the Python path streams with the cap enforced as bytes arrive).
   * Retries (408/429/5xx, connection errors, Retry-After) for downloads and Hugging Face metadata calls; one whole
-    download may take at most LORA_DOWNLOAD_TIMEOUT seconds (default 1800), so a slow-drip server is cut off.
+    download may take at most LORA_DOWNLOAD_TIMEOUT seconds (default 1800), headers included: a timer shuts the
+    sockets down at the deadline (`_DeadlineSession`), so neither a slow drip nor endless `100 Continue` lasts.
+    Bodies are taken only unencoded (Accept-Encoding: identity; a Content-Encoding is refused), so the size cap
+    counts the bytes that land on disk.
 
 Cache layout (LORA_CACHE_DIR):
     entries/<sha256(canonical_id)[:32]>/lora.safetensors [+ embeddings.pti, special_params.json] + meta.json
@@ -57,6 +61,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +127,41 @@ VOLATILE_QUERY_NAMES = frozenset({
     "response-content-disposition", "response-content-type", "download",
 })
 
+# Query parameters that authenticate the caller: never part of a key in clear, but their value *is* (hashed), so
+# `?token=A` and `?token=B` never share an entry (B's host is asked with B's token).  Lower-case.
+AUTH_QUERY_NAMES = frozenset({"token", "access_token", "auth", "authorization", "api_key", "apikey"})
+
 # SSRF guard: names of cloud metadata services, refused whatever they resolve to.
-METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal"})
-_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not public
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal",
+                            "metadata.tencentyun.com"})
+_METADATA = "a link-local / cloud metadata address"
+_LOCAL_REASONS = ("a loopback address", "a private-network address")
+# The one table of refused addresses: (network, why, always).  `always` rows are refused even with
+# LORA_ALLOW_LOCAL_HOSTS=1 (that switch opens loopback and private networks for tests and LAN mirrors, never a
+# metadata service).  Checked first to last; an address in no row is refused as private unless it is global.
+# Sources: AWS IMDS (169.254.169.254, IPv6 fd00:ec2::254), ECS task metadata (169.254.170.2), GCP/Azure
+# (169.254.169.254), Alibaba Cloud (100.100.100.200), Oracle Cloud / OpenStack-style (192.0.0.192).
+REFUSED_NETWORKS: tuple[tuple[str, str, bool], ...] = (
+    ("169.254.0.0/16", _METADATA, True),
+    ("fe80::/10", _METADATA, True),
+    ("fd00:ec2::254/128", _METADATA, True),
+    ("100.100.100.200/32", _METADATA, True),
+    ("192.0.0.192/32", _METADATA, True),
+    ("224.0.0.0/4", "a multicast address", True),
+    ("ff00::/8", "a multicast address", True),
+    ("0.0.0.0/8", "an unspecified address", True),
+    ("::/128", "an unspecified address", True),
+    ("240.0.0.0/4", "a reserved address", True),
+    ("127.0.0.0/8", "a loopback address", False),
+    ("::1/128", "a loopback address", False),
+    ("10.0.0.0/8", "a private-network address", False),
+    ("172.16.0.0/12", "a private-network address", False),
+    ("192.168.0.0/16", "a private-network address", False),
+    ("100.64.0.0/10", "a private-network address", False),  # carrier-grade NAT
+    ("fc00::/7", "a private-network address", False),
+)
+_REFUSED = tuple((ipaddress.ip_network(net), why, always) for net, why, always in REFUSED_NETWORKS)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that carry an IPv4 one in their last 32 bits
 HF_PREFERRED = "pytorch_lora_weights.safetensors"
 
 
@@ -235,6 +272,7 @@ class WeightsRef:
     version_id: str | None = None  # CivitAI model-version id or Replicate version id
     is_tar: bool = False  # the download is a trainer tar to extract
     url: str | None = field(default=None, repr=False, compare=False)  # full URL incl. signed query: never log
+    signed: bool = False  # the URL carries signing parameters: which file it is gets asked of the host (ETag)
 
     @property
     def resolved(self) -> bool:
@@ -242,10 +280,10 @@ class WeightsRef:
         if self.source == "civitai":
             return self.version_id is not None
         if self.source == "replicate":
-            return self.version_id is not None or self.url is not None
+            return self.version_id is not None or (self.url is not None and not self.signed)
         if self.source == "huggingface":
             return bool(self.revision and _COMMIT_RE.fullmatch(self.revision) and self.path and not self.path_is_dir)
-        return True
+        return not self.signed
 
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
@@ -285,11 +323,28 @@ def _replicate_ref(repo: str, version: str | None) -> WeightsRef:
     return WeightsRef("replicate", f"replicate:{repo}", f"replicate {repo}", repo=repo, is_tar=True)
 
 
-def _key_query(query: str) -> str:
-    """The query parameters that name the file (signing/auth/expiry ones dropped), sorted, for the cache key."""
-    kept = sorted((k, v) for k, v in parse_qsl(query, keep_blank_values=True)
-                  if not k.lower().startswith(VOLATILE_QUERY_PREFIXES) and k.lower() not in VOLATILE_QUERY_NAMES)
-    return urlencode(kept)
+def _volatile(name: str) -> bool:
+    return name.lower().startswith(VOLATILE_QUERY_PREFIXES) or name.lower() in VOLATILE_QUERY_NAMES
+
+
+def _key_query(query: str) -> tuple[str, bool]:
+    """(the query parameters that name the file, sorted; whether signing parameters were dropped) for the key.
+
+    Auth parameters (AUTH_QUERY_NAMES: token=...) stay in, value and all: the key is hashed before it is stored
+    anywhere, and `?token=A` / `?token=B` must not share an entry (B's host would never be asked).  Signing
+    parameters are left out, but a URL that has them is `signed`: the host is asked for the file's ETag on every
+    fetch, and only the same ETag shares an entry (see `_resolve_signed`).
+    """
+    pairs = parse_qsl(query, keep_blank_values=True)
+    kept = sorted((k, v) for k, v in pairs if k.lower() in AUTH_QUERY_NAMES or not _volatile(k))
+    signed = any(_volatile(k) and k.lower() not in AUTH_QUERY_NAMES and k.lower() not in _LABEL_QUERY_NAMES
+                 for k, _ in pairs)
+    return urlencode(kept), signed
+
+
+# Volatile parameters that only label a download (a file name, a content type): dropped, and no sign of signing.
+_LABEL_QUERY_NAMES = frozenset({"response-content-disposition", "response-content-type", "download"})
+MAX_URL_CHARS = 8192  # longer "URLs" are refused: no weights host needs one, and they would fill logs
 
 
 def _url_ref(url: str, parts) -> WeightsRef:
@@ -298,12 +353,12 @@ def _url_ref(url: str, parts) -> WeightsRef:
     clean = urlunsplit((parts.scheme.lower(), host + port, parts.path or "/", "", ""))  # no userinfo, query, fragment
     # `.../download?id=1` and `...?id=2` are different files: the remaining query is part of the (hashed) key, while
     # a fresh signature on the same object is not.  The display stays query-free (a query may carry secrets).
-    kept = _key_query(parts.query)
+    kept, signed = _key_query(parts.query)
     digest = hashlib.sha256((clean + (f"?{kept}" if kept else "")).encode()).hexdigest()
     is_tar = parts.path.lower().endswith(".tar")
     source = "replicate" if host == "replicate.delivery" or host.endswith(".replicate.delivery") else "url"
     prefix = "replicate-delivery" if source == "replicate" else "url"
-    return WeightsRef(source, f"{prefix}:{digest}", clean, is_tar=is_tar, url=url)
+    return WeightsRef(source, f"{prefix}:{digest}", _short(clean), is_tar=is_tar, url=url, signed=signed)
 
 
 def _data_ref(text: str) -> WeightsRef:
@@ -434,23 +489,32 @@ def _allow_local_hosts() -> bool:
     return os.environ.get("LORA_ALLOW_LOCAL_HOSTS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why an address may not be fetched from, or None when it may."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
-    if ip.is_link_local:
-        return "a link-local / cloud metadata address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_reserved:
-        return "a reserved address"
-    if _allow_local_hosts():
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches: IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::a.b.c.d), 6to4 (2002::)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
         return None
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_private or (ip.version == 4 and ip in _SHARED_ADDRESS_SPACE) or not ip.is_global:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+def _blocked_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address may not be fetched from (a REFUSED_NETWORKS row, or not global), or None when it may."""
+    inner = _embedded_ipv4(ip)
+    if inner is not None:
+        return _blocked_reason(inner)  # ::ffff:169.254.169.254 is 169.254.169.254
+    local_ok = _allow_local_hosts()
+    for net, why, always in _REFUSED:
+        if ip.version == net.version and ip in net:
+            return why if always or not local_ok else None
+    # Ranges the table does not list (IPv6 link-local scopes, reserved blocks...) by the standard library's flags.
+    for flag, why in (("is_link_local", _METADATA), ("is_multicast", "a multicast address"),
+                      ("is_unspecified", "an unspecified address"), ("is_reserved", "a reserved address")):
+        if getattr(ip, flag):
+            return why
+    if not ip.is_global and not local_ok:
         return "a private-network address"
     return None
 
@@ -468,13 +532,13 @@ def _check_host(url: str, ctx: "_Context", *, what: str | None = None) -> None:
         return
 
     def refuse(reason: str, got: str) -> BlockedHostError:
-        local = reason in ("a loopback address", "a private-network address")
+        local = reason in _LOCAL_REASONS
         hint = "Set LORA_ALLOW_LOCAL_HOSTS=1 to allow loopback and private-network hosts." if local else ""
         return _err(BlockedHostError, ctx.input_name, f"{what or _safe_text(url)} points to {reason}",
                     expected="a public http(s) URL", got=got, hint=hint)
 
     if host in METADATA_HOSTS:
-        raise refuse("a link-local / cloud metadata address", f"the metadata host name {host!r}")
+        raise refuse(_METADATA, f"the metadata host name {host!r}")
     try:
         addresses = [ipaddress.ip_address(host.split("%", 1)[0])]
     except ValueError:
@@ -516,6 +580,10 @@ def parse_lora_ref(text: str, *, input_name: str = "lora_weights", kind: str = "
             return _data_ref(raw)
         except InvalidReferenceError as err:
             raise _err(InvalidReferenceError, input_name, str(err), expected="data:[<type>][;base64],<payload>", got="a malformed data: URL") from err
+    if len(raw) > MAX_URL_CHARS:
+        raise _err(InvalidReferenceError, input_name, "the reference is too long",
+                   expected=f"at most {MAX_URL_CHARS} characters (a data: URL may be longer)",
+                   got=f"{len(raw)} characters starting {_safe_text(raw)[:60]!r}")
     norm = _rebase(_normalise_text(raw))
     for _name, rx, build in _PATTERNS:
         m = rx.fullmatch(norm)
@@ -535,13 +603,18 @@ def parse_lora_ref(text: str, *, input_name: str = "lora_weights", kind: str = "
     raise _err(InvalidReferenceError, input_name, f"not a {kind} reference we understand", expected="one of " + ", ".join(REFERENCE_FORMS), got=repr(_safe_text(raw)), hint=hint)
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters: whatever a caller sent, an error stays a line, not 60 KB."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _safe_text(text: str) -> str:
     """The user's text without query string or userinfo, cut short: fit for an error message."""
     parts = urlsplit(text)
     if parts.scheme in ("http", "https") and parts.hostname:
         port = f":{parts.port}" if parts.port else ""
         text = urlunsplit((parts.scheme, parts.hostname + port, parts.path, "", ""))
-    return text if len(text) <= 120 else text[:117] + "..."
+    return _short(text)
 
 
 # ---------------------------------------------------------------------------------------------------- tokens
@@ -643,8 +716,38 @@ def _describe_body(head: bytes) -> str:
     return "a file that is not safetensors"
 
 
+_SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # dtypes smaller than a byte: sizes in bits
+
+
+def _check_entry(name: str, info: Any) -> tuple[int, int]:
+    """(begin, end) of one tensor entry, checked as safetensors' own loader does: a known dtype, a shape of
+    non-negative integers, integer offsets with begin <= end, and exactly the bytes the shape needs."""
+    if not isinstance(info, dict):
+        raise ValueError(f"a corrupt safetensors file (entry {name[:60]!r} is not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731 (no bool, float)
+    if not isinstance(dtype, str) or not ints(shape) or not ints(offsets) or len(offsets) != 2:
+        raise ValueError(f"a corrupt safetensors file (bad entry {name[:60]!r}: dtype, shape and data_offsets "
+                         "must be a string, a list of non-negative integers and two of them)")
+    begin, end = offsets
+    bits = _SUB_BYTE_BITS.get(dtype) or 8 * _DTYPE_SIZES.get(dtype, 0)
+    if not bits:
+        raise ValueError(f"a corrupt safetensors file (unknown dtype {dtype[:20]!r} in {name[:60]!r})")
+    count = 1
+    for d in shape:
+        count *= d
+    if begin > end or count * bits % 8 or end - begin != count * bits // 8:
+        raise ValueError(f"a corrupt safetensors file (inconsistent entry {name[:60]!r})")
+    return begin, end
+
+
 def check_safetensors(path: Path) -> dict:
-    """Structural safetensors check without loading tensors; returns the header.  Raises ValueError naming what it is."""
+    """Structural safetensors check without loading tensors; returns the header.  Raises ValueError naming what it is.
+
+    As strict as the safetensors loader, so a file that passes here also loads: the header is a JSON object
+    (padding spaces allowed), `__metadata__` maps strings to strings, and the tensors' byte ranges tile the data
+    exactly - no overlap, no gap, no trailing bytes.
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -659,35 +762,97 @@ def check_safetensors(path: Path) -> dict:
         f.seek(8)
         raw = f.read(n)
     try:
+        if not raw.startswith(b"{"):
+            raise ValueError("not an object")
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: [[[[...]]]] thousands deep
         described = _describe_body(head)
         if described != "a file that is not safetensors":
-            raise ValueError(described) from err
-        raise ValueError("a corrupt safetensors file (header is not JSON)") from err
+            raise ValueError(described) from None
+        raise ValueError("a corrupt safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise ValueError("a corrupt safetensors file (header is not an object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("a corrupt safetensors file (__metadata__ must map strings to strings)")
     data_len = size - 8 - n
-    end_max = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            count = 1
-            for d in shape:
-                count *= int(d)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"a corrupt safetensors file (bad entry {name[:60]!r})") from err
-        itemsize = _DTYPE_SIZES.get(str(dtype))
-        if itemsize is None or not 0 <= begin <= end or (dtype not in ("F4", "F6_E2M3", "F6_E3M2") and end - begin != count * itemsize):
-            raise ValueError(f"a corrupt safetensors file (inconsistent entry {name[:60]!r})")
-        end_max = max(end_max, end)
+    spans = sorted(_check_entry(name, info) for name, info in header.items() if name != "__metadata__")
+    if not spans:
+        raise ValueError("a safetensors file with no tensors")
+    end_max = max(end for _, end in spans)
     if end_max > data_len:
         raise ValueError(f"a truncated safetensors file ({data_len} data bytes, header needs {end_max})")
-    if end_max == 0 and not any(k != "__metadata__" for k in header):
-        raise ValueError("a safetensors file with no tensors")
+    at = 0
+    for begin, end in spans:
+        if begin != at:
+            raise ValueError(f"a corrupt safetensors file (tensor data {'overlaps' if begin < at else 'leaves a gap'} "
+                             f"at byte {min(begin, at)})")
+        at = end
+    if at != data_len:
+        raise ValueError(f"a corrupt safetensors file ({data_len - at} bytes after the last tensor)")
     return header
+
+
+# The largest |value| a verified file may hold, by kind (VALUE_BOUNDS).  A LoRA factor, alpha or DoRA scale, and a
+# textual-inversion row, are O(1)-O(100) in real files (alpha up to the rank, at most a few hundred): 1e4 leaves
+# two orders of margin and still stops 1e30 factors that would turn every activation into Inf.  A checkpoint's
+# weights are cast to fp16/bf16 for the GPU: anything past fp16's largest finite value (65504) is Inf there.
+VALUE_BOUNDS = {"LoRA": 1e4, "embedding": 1e4, "checkpoint": 65504.0, "VAE": 65504.0}
+# dtype -> (unsigned view, mask of the magnitude bits, pattern of +Inf): for IEEE formats the magnitude bits of
+# |x| order like |x| itself, with Inf and NaN above every finite value, so one integer max per tensor is the check.
+_FLOAT_BITS = {
+    "F64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    "F32": ("<u4", 0x7FFF_FFFF, 0x7F80_0000),
+    "F16": ("<u2", 0x7FFF, 0x7C00),
+    "BF16": ("<u2", 0x7FFF, 0x7F80),
+    "F8_E5M2": ("u1", 0x7F, 0x7C),
+    "F8_E4M3": ("u1", 0x7F, 0x7F),  # no Inf; 0x7F is NaN, 448 the largest finite value
+}
+
+
+def _bound_bits(dtype: str, bound: float) -> int:
+    """The magnitude bits of the largest value of `dtype` that is <= bound (fp8: of its largest finite value, so
+    only NaN / Inf are refused in fp8 files; their range, 448 or 57344, is the bound)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return int(np.array(bound, "<f4").view("<u4")) >> 16
+    if dtype.startswith("F8"):
+        return _FLOAT_BITS[dtype][2] - 1
+    return int(np.array(bound, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype]).view(_FLOAT_BITS[dtype][0]))
+
+
+def check_tensor_values(path: Path, header: dict, bound: float) -> None:
+    """Every floating-point value in the file is finite with |x| <= bound; raises ValueError naming the tensor.
+
+    Reads the raw bytes tensor by tensor (memory-mapped, in blocks) and compares magnitude bits as integers: about
+    0.1 s for a 200 MB fp16 file on one core, against about 3.5 s for a float reduction in PyTorch.
+    """
+    import numpy as np
+
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        for name, info in header.items():
+            if name == "__metadata__" or info["dtype"] not in _FLOAT_BITS:
+                continue
+            view, mask, inf = _FLOAT_BITS[info["dtype"]]
+            limit = _bound_bits(info["dtype"], bound)
+            begin, end = info["data_offsets"]
+            width = np.dtype(view).itemsize
+            step = 16 * MiB * width
+            top = 0
+            for at in range(8 + n + begin, 8 + n + end, step):
+                block = np.asarray(data[at:min(at + step, 8 + n + end)]).view(view)
+                if block.size:
+                    top = max(top, int((block & mask).max()))
+            if top >= inf:
+                raise ValueError(f"NaN or Inf values in tensor {name[:80]!r}")
+            if top > limit:
+                raise ValueError(f"values beyond +-{bound:g} in tensor {name[:80]!r}")
+    finally:
+        del data
 
 
 def _sha256_file(path: Path) -> str:
@@ -731,6 +896,7 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
         header = check_safetensors(path)
     except ValueError as err:
         raise _not_safetensors(ctx, str(err), auth_hint) from err
+    _check_values(path, header, ctx)
     # Refused here rather than when used, so a file no SDXL model can use is never cached.
     KINDS[ctx.kind].check_keys(header, ctx)
     return expected_sha256.lower() if expected_sha256 else _sha256_file(path)
@@ -746,6 +912,17 @@ def _check_lora_keys(header: dict, ctx: _Context) -> None:
                    got=f"{foreign[0]}, e.g. key {foreign[1][:80]!r}",
                    hint="A full SDXL checkpoint goes in the checkpoint input." if "checkpoint" in foreign[0]
                    else "Pick the SDXL/Illustrious version of this LoRA.")
+
+
+def _check_values(path: Path, header: dict, ctx: _Context, *, what: str = "") -> None:
+    """NaN, Inf or absurd values would give a black image reported as success: refuse them at download."""
+    bound = VALUE_BOUNDS.get(ctx.kind, VALUE_BOUNDS["checkpoint"])
+    try:
+        check_tensor_values(path, header, bound)
+    except ValueError as err:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}{what} holds unusable weights",
+                   expected=f"finite values within +-{bound:g}", got=str(err),
+                   hint=f"The {ctx.kind} file is broken (a diverged training?); use another version.") from None
 
 
 def _not_safetensors(ctx: _Context, what: str, auth_hint: str) -> WeightsError:
@@ -930,6 +1107,121 @@ def _retry_after(resp: requests.Response | None, attempt: int) -> float:
     return max(0.0, min(wait, MAX_RETRY_AFTER))
 
 
+# ----------------------------------------------------------------------------------- the fetch's deadline
+_watched = threading.local()  # .session: the _DeadlineSession whose request is being sent on this thread
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """Registers each socket it opens with the session sending the request, so the deadline can end it."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _watch_socket(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _watch_socket(sock)
+        return sock
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+def _watch_socket(sock: socket.socket) -> None:
+    session = getattr(_watched, "session", None)
+    if session is not None:
+        session.watch(sock)
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, with connection pools whose sockets are watched by the session's deadline."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _DeadlineSession(requests.Session):
+    """A session for one fetch that may last until `deadline` (time.monotonic) and not a moment longer.
+
+    Socket timeouts bound each read, not a response: a host dripping its headers a byte a second, or sending
+    `100 Continue` forever, keeps every read short and the request alive.  So a timer shuts down every socket the
+    session opened when the deadline passes; the blocked read returns at once and the caller reports the timeout.
+    """
+
+    def __init__(self, started: float, deadline: float):
+        super().__init__()
+        self.started, self.deadline = started, deadline
+        self.expired = False
+        self._sockets: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        adapter = _DeadlineAdapter(max_retries=0)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+        self._timer: threading.Timer | None = None
+        self.rearm(started, deadline)
+
+    def rearm(self, started: float, deadline: float) -> None:
+        """A new deadline for the next phase (the download, once the look-ups and the cache lock are done)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self.started, self.deadline, self.expired = started, deadline, False
+            self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in list(self._sockets):
+                _shutdown(sock)
+
+    def request(self, *args, **kwargs) -> requests.Response:
+        _watched.session = self
+        try:
+            return super().request(*args, **kwargs)
+        finally:
+            _watched.session = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().close()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _session_deadline(session: requests.Session, ctx: "_Context", have: int = 0) -> None:
+    """Raise the timeout error when the fetch's deadline (a _DeadlineSession's) has passed."""
+    if isinstance(session, _DeadlineSession) and (session.expired or time.monotonic() > session.deadline):
+        _check_deadline(min(session.deadline, time.monotonic() - 1e-6), session.started, ctx, have)
+
+
+def _wait(session: requests.Session, seconds: float) -> None:
+    """Sleep before a retry, never past the fetch's deadline."""
+    if isinstance(session, _DeadlineSession):
+        seconds = min(seconds, max(0.0, session.deadline - time.monotonic()))
+    time.sleep(seconds)
+
+
 @dataclass
 class _Auth:
     """Headers that may only go to one origin (dropped on a cross-host redirect)."""
@@ -964,6 +1256,7 @@ def _open(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, ex
     attempt = 0
     hops = 0
     while True:
+        _session_deadline(session, ctx)
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
             raise _err(InvalidReferenceError, ctx.input_name, f"{ctx.display} redirected to a non-http URL",
@@ -975,14 +1268,18 @@ def _open(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, ex
         try:
             resp = session.request(method, url, headers=headers, stream=True, allow_redirects=False,
                                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            # Headers cut by the deadline's shutdown end like complete ones (EOF ends the header block): check.
+            _session_deadline(session, ctx)
         except (requests.ConnectionError, requests.Timeout) as err:
+            _session_deadline(session, ctx)
             if attempt >= MAX_RETRIES:
                 raise _err(NetworkError, ctx.input_name, f"could not reach {ctx.display}", expected="a response",
                            got=f"{type(err).__name__} after {attempt + 1} attempts", hint="Check the link or try again later.") from _scrub(err, ctx.secrets)
-            time.sleep(_retry_after(None, attempt))
+            _wait(session, _retry_after(None, attempt))
             attempt += 1
             continue
         except requests.RequestException as err:
+            _session_deadline(session, ctx)
             raise _err(NetworkError, ctx.input_name, f"request to {ctx.display} failed", expected="a response",
                        got=type(err).__name__) from _scrub(err, ctx.secrets)
         if resp.is_redirect and follow:
@@ -1002,7 +1299,7 @@ def _open(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, ex
             wait = _retry_after(resp, attempt)
             resp.close()
             logger.info("%s: HTTP %s, retrying in %.2fs", ctx.display, resp.status_code, wait)
-            time.sleep(wait)
+            _wait(session, wait)
             attempt += 1
             continue
         if resp.status_code >= 400:
@@ -1016,6 +1313,7 @@ def _json(session: requests.Session, url: str, ctx: _Context, auth: _Auth, *, au
     try:
         return resp.json()
     except ValueError:
+        _session_deadline(session, ctx)  # a body cut by the deadline is not JSON: say what happened
         raise _err(NetworkError, ctx.input_name, f"{ctx.display}: the API answered with something that is not JSON",
                    expected="JSON", got=resp.headers.get("Content-Type", "no content type")) from None
     finally:
@@ -1035,8 +1333,9 @@ def _download_timeout() -> float:
 def _check_deadline(deadline: float, started: float, ctx: _Context, have: int) -> None:
     if time.monotonic() > deadline:
         raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} took too long",
-                   expected=f"at most {deadline - started:.0f}s (LORA_DOWNLOAD_TIMEOUT)",
-                   got=f"{have} bytes after {time.monotonic() - started:.0f}s",
+                   expected=f"at most {deadline - started:.3g}s "
+                            f"({'INPUT' if ctx.kind == 'image' else 'LORA'}_DOWNLOAD_TIMEOUT)",
+                   got=f"{have} bytes after {time.monotonic() - started:.3g}s",
                    hint="The source is too slow; try again later or use another mirror.")
 
 
@@ -1047,7 +1346,7 @@ def _body_chunks(resp: requests.Response) -> Iterator[bytes]:
     read = raw.read1 if hasattr(raw, "read1") else raw.read
     while True:
         try:
-            block = read(CHUNK, decode_content=True)
+            block = read(CHUNK, decode_content=False)  # we ask for identity; an encoded body is refused first
         except urllib3.exceptions.ReadTimeoutError as err:
             raise requests.ConnectionError(err) from err
         except urllib3.exceptions.ProtocolError as err:
@@ -1066,7 +1365,7 @@ def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Contex
     """Stream `url` to `dest`, resuming with Range after a dropped connection, enforcing the size cap early and an
     overall deadline (LORA_DOWNLOAD_TIMEOUT) on every block, so a server dripping bytes forever is cut off."""
     cap = max_bytes or ctx.max_bytes
-    started = time.monotonic()
+    started = session.started if isinstance(session, _DeadlineSession) else time.monotonic()
     deadline = deadline if deadline is not None else started + _download_timeout()
     attempt = 0
     with dest.open("wb") as out:
@@ -1083,6 +1382,13 @@ def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Contex
                     out.seek(0)  # the server ignored Range: start over
                     out.truncate()
                     have = 0
+                encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    # Decoding would let a few hundred bytes become gigabytes (gzip of gzip of zeros), past any cap
+                    # on what came over the wire.  No weights host needs it: they send the file as it is.
+                    raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} sent an encoded body",
+                               expected="the file itself (we ask for Accept-Encoding: identity)",
+                               got=f"Content-Encoding: {_short(encoding, 40)}")
                 ctype = resp.headers.get("Content-Type", "").lower()
                 if ctype.startswith("text/html"):
                     raise _not_safetensors(ctx, "an HTML/XML page (often a login or error page)", auth_hint)
@@ -1097,21 +1403,24 @@ def _http_download(session: requests.Session, url: str, dest: Path, ctx: _Contex
                         if out.tell() > cap:
                             raise _too_large(ctx, out.tell())
                         _check_deadline(deadline, started, ctx, out.tell())
+                    _session_deadline(session, ctx, out.tell())  # a body ended by the deadline's shutdown
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                    _session_deadline(session, ctx, out.tell())
                     if attempt >= MAX_RETRIES:
                         raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} kept breaking off",
                                    expected=f"{total or '?'} bytes", got=f"{out.tell()} bytes") from _scrub(err, ctx.secrets)
                     attempt += 1
-                    time.sleep(_retry_after(None, attempt - 1))
+                    _wait(session, _retry_after(None, attempt - 1))
                     continue
             finally:
                 resp.close()
             if total is not None and out.tell() < total:
+                _session_deadline(session, ctx, out.tell())
                 if attempt >= MAX_RETRIES:
                     raise _err(NetworkError, ctx.input_name, f"the download of {ctx.display} was cut short",
                                expected=f"{total} bytes", got=f"{out.tell()} bytes", hint="Try again later.")
                 attempt += 1
-                time.sleep(_retry_after(None, attempt - 1))
+                _wait(session, _retry_after(None, attempt - 1))
                 continue
             return
 
@@ -1187,8 +1496,7 @@ def _download_url(session: requests.Session, url: str, dest: Path, ctx: _Context
     cap = cap or ctx.max_bytes
     if size_hint is not None and size_hint > cap:
         raise _too_large(ctx, size_hint)
-    started = time.monotonic()
-    deadline = started + _download_timeout()
+    deadline = session.deadline if isinstance(session, _DeadlineSession) else time.monotonic() + _download_timeout()
     if shutil.which("pget") and (size_hint is None or size_hint >= PGET_MIN_BYTES):
         target = _pget_target(session, url, ctx, auth, size_hint=size_hint, cap=cap, auth_hint=auth_hint, not_found=not_found)
         if target and _pget(target, dest, ctx, timeout=deadline - time.monotonic()):
@@ -1208,20 +1516,73 @@ def _tar_errors(ctx: _Context) -> Iterator[None]:
         raise _not_safetensors(ctx, f"a truncated or corrupt tar archive ({err})", "") from err
 
 
-def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[bool, dict]:
+MAX_TAR_MEMBERS = 256  # a trainer tar holds 3 files and a folder or two; thousands of members are a bomb
+# What a trainer tar is not: the archive kinds that expand (a few KB of bzip2 can claim terabytes), by magic bytes.
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                     (b"PK\x03\x04", "zip"), (b"7z\xbc\xaf", "7z"))
+
+
+def _is_plain_tar(head: bytes) -> bool:
+    """A ustar / GNU / PAX tar header: 'ustar' at offset 257 (Python, GNU tar and Replicate's trainers write it)."""
+    return len(head) >= 262 and head[257:262] == b"ustar"
+
+
+def _tar_member_problem(m: tarfile.TarInfo) -> str | None:
+    """Why a member has no place in a trainer tar (None: a regular file or a folder)."""
+    if m.issparse() or any(k.startswith("GNU.sparse") for k in m.pax_headers):
+        return f"a sparse file {_short(m.name, 60)!r} (its holes would expand on extraction)"
+    if m.islnk() or m.issym():
+        return f"a link {_short(m.name, 60)!r}"
+    if not (m.isreg() or m.isdir()):
+        return f"a device, FIFO or other special member {_short(m.name, 60)!r}"
+    return None
+
+
+def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context, *, deadline: float | None = None,
+                         started: float | None = None) -> tuple[bool, dict]:
     """Safely pull lora.safetensors (+ embeddings.pti, special_params.json) out of a trainer tar into `folder`.
 
-    Only regular files are read, by name, never extracted as given: absolute paths, `..`, links and devices
-    can't escape the folder.  Flux-style tars with exactly one .safetensors are accepted too.
+    Only what a trainer tar holds is accepted: an uncompressed tar (Replicate's trainers write `tarfile.open(...,
+    "w")`), so nothing expands and the extracted bytes never exceed the downloaded ones; at most MAX_TAR_MEMBERS
+    members, each a regular file or a folder (no sparse files, links or devices); read within the download's
+    deadline.  Only regular files are read, by name, never extracted as given: absolute paths and `..` can't
+    escape the folder.  Flux-style tars with exactly one .safetensors are accepted too.
     """
-    try:
-        tf = tarfile.open(tar_path, "r:*")
-    except tarfile.TarError as err:
-        with tar_path.open("rb") as f:
-            what = _describe_body(f.read(16))
-        raise _not_safetensors(ctx, f"not a tar archive ({what})", "") from err
-    with tf, _tar_errors(ctx):
-        members = [m for m in tf.getmembers() if m.isfile()]
+    started = started if started is not None else time.monotonic()
+    with tar_path.open("rb") as f:
+        head = f.read(512)
+    packed = next((name for magic, name in _COMPRESSED_MAGIC if head.startswith(magic)), None)
+    if packed or not _is_plain_tar(head):
+        what = f"a {packed}-compressed archive" if packed else f"not a tar archive ({_describe_body(head[:16])})"
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a usable trainer output",
+                   expected="an uncompressed .tar holding lora.safetensors (what Replicate's trainers write)",
+                   got=what, hint="Link the .safetensors file itself, or the trainer's .tar as it is.")
+    archive_bytes = tar_path.stat().st_size
+
+    def refuse(what: str) -> WeightsError:
+        return _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not a usable trainer output",
+                    expected=f"a trainer tar: at most {MAX_TAR_MEMBERS} regular files and folders", got=what)
+
+    with _tar_errors(ctx), tarfile.open(tar_path, "r:") as tf:
+        members: list[tarfile.TarInfo] = []
+        count = 0
+        while True:
+            if deadline is not None:
+                _check_deadline(deadline, started, ctx, archive_bytes)
+            m = tf.next()  # one header at a time: a stream of 450 000 members stops at MAX_TAR_MEMBERS
+            if m is None:
+                break
+            count += 1
+            if count > MAX_TAR_MEMBERS:
+                raise refuse(f"more than {MAX_TAR_MEMBERS} members")
+            problem = _tar_member_problem(m)
+            if problem:
+                raise refuse(problem)
+            if m.offset_data + m.size > archive_bytes:
+                raise _not_safetensors(ctx, f"a truncated or corrupt tar archive ({_short(m.name, 60)!r} runs past "
+                                            "the end)", "")
+            if m.isreg():
+                members.append(m)
 
         def safe(m: tarfile.TarInfo) -> bool:
             parts = Path(m.name).parts
@@ -1233,7 +1594,7 @@ def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[b
                 by_base.setdefault(Path(m.name).name, []).append(m)
         weights = by_base.get("lora.safetensors") or [m for m in members if safe(m) and m.name.endswith(".safetensors")]
         if len(weights) != 1:
-            names = sorted(m.name for m in members if m.name.endswith(".safetensors"))[:10]
+            names = sorted(_short(m.name, 60) for m in members if m.name.endswith(".safetensors"))[:10]
             raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: can't tell which file in the tar is the LoRA",
                        expected="lora.safetensors or a single .safetensors", got=", ".join(names) or "no .safetensors file")
 
@@ -1243,7 +1604,10 @@ def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[b
             src = tf.extractfile(m)
             assert src is not None
             with src, (folder / name).open("wb") as out:
-                shutil.copyfileobj(src, out, CHUNK)
+                for block in iter(lambda: src.read(CHUNK), b""):
+                    out.write(block)
+                    if deadline is not None:
+                        _check_deadline(deadline, started, ctx, out.tell())
 
         copy(weights[0], LORA_FILE_NAME, ctx.max_bytes)
         has_emb = False
@@ -1256,9 +1620,21 @@ def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context) -> tuple[b
             try:
                 loaded = json.loads((folder / "special_params.json").read_text("utf-8"))
                 params = loaded if isinstance(loaded, dict) else {}
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 logger.warning("%s: special_params.json is not valid JSON; ignored", ctx.display)
+    if has_emb:
+        _check_embeddings(folder / "embeddings.pti", ctx)
     return has_emb, params
+
+
+def _check_embeddings(path: Path, ctx: _Context) -> None:
+    """embeddings.pti is a safetensors file of token rows: as strict a check as the LoRA's, values included."""
+    try:
+        header = check_safetensors(path)
+    except ValueError as err:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: the trainer's embeddings.pti is unusable",
+                   expected="a safetensors file of token embeddings", got=str(err)) from None
+    _check_values(path, header, ctx, what=" (embeddings.pti)")
 
 
 # ------------------------------------------------------------------------------------------------- sources
@@ -1510,6 +1886,7 @@ def _hf_files_plan(ref: WeightsRef, ctx: _Context, sha: str, chosen: list, prefi
                     header = check_safetensors(got)
                 except ValueError as err:
                     raise _not_safetensors(c, f"{f.path}: {err}", "") from err
+                _check_values(got, header, c, what=f" ({f.path})")
                 if c.kind == "VAE":  # one weights file: its keys say whether it is an SDXL VAE
                     KINDS[c.kind].check_keys(header, c)
             rel = f.path[len(prefix):].replace(".fp16.safetensors", ".safetensors")
@@ -1602,6 +1979,13 @@ def _replicate_auth(ctx: _Context) -> _Auth:
     return _Auth({"Authorization": f"Bearer {ctx.tokens.replicate}"}, _origin(_replicate_api_base()))
 
 
+def _deadline_of(session: requests.Session) -> dict:
+    """The fetch's deadline, for work done outside the session (extracting a tar)."""
+    if isinstance(session, _DeadlineSession):
+        return {"deadline": session.deadline, "started": session.started}
+    return {}
+
+
 def _tar_producer(url: str, auth: _Auth, *, auth_hint: str, is_tar: bool = True):
     def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
         download = tmp / ("download.tar" if is_tar else LORA_FILE_NAME)
@@ -1612,7 +1996,7 @@ def _tar_producer(url: str, auth: _Auth, *, auth_hint: str, is_tar: bool = True)
             digest = _verify_lora(download, c, auth_hint=auth_hint)
             name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or None
             return _Staged(tmp, digest, download.stat().st_size, file_name=name)
-        has_emb, params = _extract_trainer_tar(download, tmp, c)
+        has_emb, params = _extract_trainer_tar(download, tmp, c, **_deadline_of(session))
         download.unlink()
         digest = _verify_lora(tmp / LORA_FILE_NAME, c, auth_hint=auth_hint)
         return _Staged(tmp, digest, (tmp / LORA_FILE_NAME).stat().st_size, has_embeddings=has_emb, special_params=params)
@@ -1630,6 +2014,8 @@ def _resolve_replicate(ref: WeightsRef, ctx: _Context, session: requests.Session
     """
     web = _replicate_web_base()
     if ref.url is not None:  # replicate.delivery URL
+        if ref.signed:
+            ref = _resolve_signed(ref, ctx, session)
         return _Plan(ref, _tar_producer(ref.url, _Auth({}, None), auth_hint="", is_tar=ref.is_tar))
     version = ref.version_id
     if version is None and ctx.tokens.replicate:
@@ -1659,13 +2045,39 @@ def _resolve_replicate(ref: WeightsRef, ctx: _Context, session: requests.Session
     return _Plan(resolved, _tar_producer(target, _Auth({}, None), auth_hint=_REPLICATE_TOKEN_HINT))
 
 
-def _resolve_url(ref: WeightsRef, ctx: _Context) -> _Plan:
+def _resolve_url(ref: WeightsRef, ctx: _Context, session: requests.Session | None = None) -> _Plan:
+    if ref.signed and session is not None:
+        ref = _resolve_signed(ref, ctx, session)
     return _Plan(ref, _tar_producer(ref.url or ref.display, _Auth({}, None), auth_hint="", is_tar=ref.is_tar))
+
+
+def _resolve_signed(ref: WeightsRef, ctx: _Context, session: requests.Session) -> WeightsRef:
+    """A signed URL names its file only together with the host's answer: ask for it (headers only) and key the
+    entry on the file's strong ETag, so a re-signed URL of the same file is a hit - once the host has accepted the
+    new signature - and anything else (no ETag, a weak one, another file) gets an entry of its own."""
+    resp = _open(session, ref.url or "", ctx, _Auth({}, None), extra={"Accept-Encoding": "identity"})
+    resp.close()
+    etag = resp.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        tag = "etag:" + hashlib.sha256(etag.encode()).hexdigest()[:32]
+    else:  # no proof the content is the same: this signature's own entry (hashed: a signature is a secret)
+        tag = "sig:" + hashlib.sha256(urlsplit(ref.url or "").query.encode()).hexdigest()[:32]
+    return dataclasses.replace(ref, canonical_id=f"{ref.canonical_id}@{tag}", signed=False)
 
 
 def _resolve_data(ref: WeightsRef, ctx: _Context) -> _Plan:
     def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
         payload = _decode_data_url(ref.url or "")
+        if _is_plain_tar(payload[:512]):  # a trainer tar inlined (README: data: URLs of .safetensors or .tar)
+            if len(payload) > c.max_bytes + 2 * MAX_SIDE_FILE_BYTES:
+                raise _too_large(c, len(payload))
+            download = tmp / "download.tar"
+            download.write_bytes(payload)
+            has_emb, params = _extract_trainer_tar(download, tmp, c, **_deadline_of(session))
+            download.unlink()
+            digest = _verify_lora(tmp / LORA_FILE_NAME, c)
+            return _Staged(tmp, digest, (tmp / LORA_FILE_NAME).stat().st_size, has_embeddings=has_emb,
+                           special_params=params)
         if len(payload) > c.max_bytes:
             raise _too_large(c, len(payload))
         dest = tmp / LORA_FILE_NAME
@@ -1681,7 +2093,7 @@ def _resolve(ref: WeightsRef, ctx: _Context, session: requests.Session) -> _Plan
         "huggingface": lambda: _resolve_hf(ref, ctx),
         "civitai": lambda: _resolve_civitai(ref, ctx, session),
         "replicate": lambda: _resolve_replicate(ref, ctx, session),
-        "url": lambda: _resolve_url(ref, ctx),
+        "url": lambda: _resolve_url(ref, ctx, session),
         "data": lambda: _resolve_data(ref, ctx),
     }
     return resolvers[ref.source]()
@@ -1904,7 +2316,7 @@ class LoraCache:
 
     def _fetch_in(self, ref: WeightsRef, ctx: _Context, started: float) -> LoraFile:
         input_name = ctx.input_name
-        with requests.Session() as session:
+        with _DeadlineSession(started, started + _download_timeout()) as session:
             session.trust_env = True
             # A resolved ref (immutable version/commit, URL, data) is looked up before any network call.
             plan = None if ref.resolved else _resolve(ref, ctx, session)
@@ -1924,6 +2336,8 @@ class LoraCache:
                 self._make_room(0, ctx)  # fail early when the disk is already below the floor
                 tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=self.root / "tmp"))
                 try:
+                    now = time.monotonic()
+                    session.rearm(now, now + _download_timeout())  # download, verification and extraction
                     staged = plan.produce(tmp, session, ctx)
                     entry = self._install(plan, staged, ctx, asked=ref)
                 except OSError as err:
@@ -2012,6 +2426,107 @@ class LoraCache:
                 if not self._pins[key]:
                     self._index.pop(key)
                     self._remove_folder(entry.folder)
+
+
+# ------------------------------------------------------------------------------------ image and mask URLs
+DEFAULT_INPUT_MAX_BYTES = 64 * MiB  # INPUT_MAX_BYTES: a 4096x4096 RGBA PNG stays well under it
+DEFAULT_INPUT_DOWNLOAD_TIMEOUT = 120.0  # INPUT_DOWNLOAD_TIMEOUT: seconds for one image, headers included
+
+
+@contextlib.contextmanager
+def input_file(value: Any, input_name: str) -> Iterator[Path]:
+    """A local file holding an `image` / `mask` input, removed when the block ends.
+
+    The inputs are strings (not cog.Path) so that coglet does not fetch them itself, unguarded: an http(s) URL is
+    downloaded here with the LoRA downloads' guard (REFUSED_NETWORKS on every hop), deadline (every byte, headers
+    included, within INPUT_DOWNLOAD_TIMEOUT), size cap (INPUT_MAX_BYTES on the bytes as they arrive, encoded
+    bodies refused) and scrubbing (the query and userinfo never reach errors or logs).  A data: URL (what an upload
+    from `cog predict -i image=@x.png` or a client library becomes) is decoded under the same cap.  A path object
+    (in-process callers) is used as it is; a plain string that is neither is refused: a caller of the server must
+    not be able to read the server's own files.
+    """
+    if isinstance(value, os.PathLike):
+        yield Path(value)
+        return
+    text = str(value).strip()
+    cap = _env_int("INPUT_MAX_BYTES", DEFAULT_INPUT_MAX_BYTES)
+    scheme = text.split(":", 1)[0].lower() if ":" in text else ""
+    if scheme not in ("data", "http", "https"):
+        raise _err(InvalidReferenceError, input_name, "not an image URL", expected="an http(s) URL or a data: URL",
+                   got=repr(_safe_text(text)[:60]))
+    folder = Path(tempfile.mkdtemp(prefix=f"{input_name}-"))
+    try:
+        dest = folder / "input"
+        if scheme == "data":
+            head, _, body = text.partition(",")
+            too_large = _err(TooLargeError, input_name, "the data: URL is too large",
+                             expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{len(text)} characters")
+            if len(body) * (3 / 4 if head.lower().endswith(";base64") else 1 / 3) > cap:  # before decoding it
+                raise too_large
+            try:
+                payload = _decode_data_url(text)
+            except InvalidReferenceError as err:
+                raise _err(InvalidReferenceError, input_name, str(err), expected="data:[<type>][;base64],<payload>",
+                           got="a malformed data: URL") from None
+            if len(payload) > cap:
+                raise too_large
+            dest.write_bytes(payload)
+        else:
+            _fetch_input_url(text, dest, input_name, cap)
+        yield dest
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fetch_input_url(url: str, dest: Path, input_name: str, cap: int) -> None:
+    if len(url) > MAX_URL_CHARS:
+        raise _err(InvalidReferenceError, input_name, "the URL is too long", expected=f"at most {MAX_URL_CHARS} characters",
+                   got=f"{len(url)} characters starting {_safe_text(url)[:60]!r}")
+    parts = urlsplit(url)
+    ctx = _Context(input_name, _safe_text(url), Tokens(), cap, tuple(s for s in (parts.query, parts.password) if s),
+                   kind="image")
+    started = time.monotonic()
+    try:
+        timeout = float(os.environ.get("INPUT_DOWNLOAD_TIMEOUT", "").strip() or DEFAULT_INPUT_DOWNLOAD_TIMEOUT)
+    except ValueError:
+        timeout = DEFAULT_INPUT_DOWNLOAD_TIMEOUT
+    try:
+        with _DeadlineSession(started, started + timeout) as session, dest.open("wb") as out:
+            resp = _open(session, url, ctx, _Auth({}, None), extra={"Accept-Encoding": "identity"},
+                         not_found="Check the image link.")
+            try:
+                encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise _err(IncompatibleError, input_name, f"{ctx.display} sent an encoded body",
+                               expected="the image itself (we ask for Accept-Encoding: identity)",
+                               got=f"Content-Encoding: {_short(encoding, 40)}")
+                length = resp.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > cap:
+                    raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
+                               expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{int(length) / MiB:.0f} MiB")
+                try:
+                    for block in _body_chunks(resp):
+                        out.write(block)
+                        if out.tell() > cap:
+                            raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
+                                       expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got="more")
+                        _check_deadline(session.deadline, started, ctx, out.tell())
+                    _session_deadline(session, ctx, out.tell())  # a body ended by the deadline's shutdown
+                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                    _session_deadline(session, ctx, out.tell())
+                    raise _err(NetworkError, input_name, f"the download of {ctx.display} broke off",
+                               expected="the whole image", got=f"{out.tell()} bytes") from _scrub(err, ctx.secrets)
+            finally:
+                resp.close()
+            if length.isdigit() and out.tell() < int(length):
+                raise _err(NetworkError, input_name, f"the download of {ctx.display} was cut short",
+                           expected=f"{length} bytes", got=f"{out.tell()} bytes")
+    except WeightsError as err:
+        _scrub_chain(err, ctx.secrets)
+        logger.warning("%s %s: failed with %s after %.2fs", input_name, ctx.display, type(err).__name__,
+                       time.monotonic() - started)
+        raise
+    logger.info("%s %s: %d bytes in %.2fs", input_name, ctx.display, dest.stat().st_size, time.monotonic() - started)
 
 
 class CheckpointCache(LoraCache):

@@ -134,8 +134,8 @@ class _Fault:
 
 def file_response(req: Request, data: bytes, headers: dict[str, str] | None = None,
                   content_type: str = "application/octet-stream") -> Response:
-    """Serve bytes with Range support (206) the way a CDN does."""
-    h = {"Content-Type": content_type, "Accept-Ranges": "bytes", **(headers or {})}
+    """Serve bytes with Range support (206) and a strong ETag (the content's sha256) the way a CDN does."""
+    h = {"Content-Type": content_type, "Accept-Ranges": "bytes", "ETag": f'"{sha256(data)}"', **(headers or {})}
     rng = req.headers.get("range")
     m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
     if m:
@@ -632,3 +632,119 @@ def replicate(weights_env, monkeypatch):
 def files(weights_env):
     with FakeServer() as server:
         yield server
+
+
+# ----------------------------------------------------------------------------------------- hostile hosts
+class RawHostileServer:
+    """A loopback TCP server that answers every connection with a hostile byte stream, written by hand (no HTTP
+    library would send it): `mode` "drip-headers" sends a status line and then header bytes one every `interval`
+    seconds; "continue-forever" sends `HTTP/1.1 100 Continue` responses every `interval` seconds.  Either way
+    it never finishes a response; it gives up after `give_up` seconds, so a client with no deadline of its own
+    fails instead of hanging the test run.  `connections` counts the accepted connections."""
+
+    def __init__(self, mode: str, *, interval: float = 0.05, give_up: float = 8.0) -> None:
+        import socket
+
+        self.mode, self.interval, self.give_up = mode, interval, give_up
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.connections = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __enter__(self) -> "RawHostileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn) -> None:
+        end = time.monotonic() + self.give_up
+        try:
+            conn.recv(65536)  # the request
+            if self.mode == "drip-headers":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                header = b"X-Padding: " + b"a" * 100000
+                for i in range(len(header)):
+                    if time.monotonic() > end or self._stop.is_set():
+                        break
+                    conn.sendall(header[i:i + 1])
+                    time.sleep(self.interval)
+            else:
+                while time.monotonic() < end and not self._stop.is_set():
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    time.sleep(self.interval)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def make_bz2_tar_bomb(claimed: int = 5 * 1024**3) -> bytes:
+    """A bzip2-compressed tar whose one member, `lora.safetensors`, is `claimed` bytes of zeros (5 GiB: ~40 KB on
+    the wire).  Built from concatenated bzip2 streams of one repeated block, as bzip2 readers accept."""
+    import bz2
+
+    header = tarfile.TarInfo("lora.safetensors")
+    header.size = claimed
+    head = header.tobuf(format=tarfile.USTAR_FORMAT)
+    chunk = 8 * 1024**2
+    zeros = bz2.compress(bytes(chunk), 9)
+    parts, left = [bz2.compress(head, 9)], claimed
+    while left >= chunk:
+        parts.append(zeros)
+        left -= chunk
+    parts.append(bz2.compress(bytes(left) + bytes(1024), 9))  # the rest and the end-of-archive blocks
+    return b"".join(parts)
+
+
+def make_many_member_tar(lora: bytes, members: int) -> bytes:
+    """A plain trainer tar with `members` empty files before lora.safetensors."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(members):
+            tf.addfile(tarfile.TarInfo(f"e{i}"), io.BytesIO(b""))
+        info = tarfile.TarInfo("lora.safetensors")
+        info.size = len(lora)
+        tf.addfile(info, io.BytesIO(lora))
+    return buf.getvalue()
+
+
+def make_pax_sparse_tar(lora: bytes, realsize: int = 200 * 1024**2) -> bytes:
+    """A 3.5 KB PAX tar (GNU sparse format 1.0) whose `lora.safetensors` is the LoRA followed by a hole: extracted,
+    it is `realsize` bytes (the LoRA and then zeros), a file no loader accepts."""
+    sparse_map = f"1\n0\n{len(lora)}\n".encode()
+    sparse_map += bytes(-len(sparse_map) % 512)
+    stored = sparse_map + lora
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "lora.safetensors",
+           "GNU.sparse.realsize": str(realsize)}
+    info = tarfile.TarInfo("GNUSparseFile.0/lora.safetensors")
+    info.size = len(stored)
+    info.pax_headers = pax
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(stored))
+    return buf.getvalue()
+
+
+def gzip_twice(data: bytes) -> bytes:
+    """`data` gzip-compressed twice: what a `Content-Encoding: gzip, gzip` reply carries."""
+    import gzip
+
+    return gzip.compress(gzip.compress(data, 9), 9)

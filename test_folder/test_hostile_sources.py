@@ -1,7 +1,9 @@
 """Hostile LoRA and image sources, end to end through predict(): one table, served from loopback.
 
 Every row is a source that misbehaves (HTTP errors, login pages, truncated or forged bodies, pickles, foreign or
-oversize files, redirect tricks, link-local targets, slow drips, a full disk, bad or huge images) given to
+oversize files, redirect tricks, link-local targets, slow drips, a full disk, bad or huge images; and from issue 14:
+tar bombs, sparse and many-member tars, dripped headers and endless `100 Continue`, encoded bodies, metadata
+addresses, `?token=` cache identity, malformed safetensors headers, NaN / Inf / absurd weights) given to
 `lora_weights`, `extra_lora`, `image` or `mask` through a direct URL, the fake Hugging Face Hub, CivitAI,
 Replicate or a data: URL. For each row the test checks what a user would notice:
 
@@ -12,9 +14,11 @@ Replicate or a data: URL. For each row the test checks what a user would notice:
       every entry intact (sha256 and safetensors structure as its index entry says), the index matching the disk;
   (c) the next normal prediction is byte-identical to a control made before the hostile one.
 
+Every error must also be short (under 1 000 characters) and may not contain the row's `hides` texts (secrets).
+
 The in-process predictor (shared with the other modules) runs the rows, with its LoRA cache swapped for one of
-this module's, configured through the cache's own settings (per-file cap, free-disk floor). Image inputs that
-coglet itself downloads go through the real Cog server; the full disk is a fetch in a child process whose file
+this module's, configured through the cache's own settings (per-file cap, free-disk floor). Some image URL
+rows go through the real Cog server as well; the full disk is a fetch in a child process whose file
 size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the download's writes fail part way, as a full disk does.
 """
 
@@ -22,8 +26,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import io
 import json
+import tarfile
 import os
 import pickle
 import re
@@ -46,10 +52,11 @@ import utils
 import weights
 from cog_server import REPO
 from conftest import predict_inputs
-from fakes import FakeCivitai, FakeHFHub, FakeReplicate, FakeServer, Response, make_trainer_tar, sha256
+from fakes import (FakeCivitai, FakeHFHub, FakeReplicate, FakeServer, RawHostileServer, Response, gzip_twice,
+                   make_bz2_tar_bomb, make_many_member_tar, make_pax_sparse_tar, make_trainer_tar, sha256)
 from lora_fixtures import write_foreign_lora, write_kohya_lora
 from weights import (AuthRequiredError, BlockedHostError, ChecksumError, IncompatibleError, InvalidReferenceError,
-                     LoraCache, NetworkError, NotFoundError, TooLargeError)
+                     LoraCache, NetworkError, NotFoundError, TooLargeError, parse_lora_ref)
 
 SMALL = dict(prompt="1girl, red hat", seed=7, aspect_ratio="custom", width=256, height=256, num_inference_steps=1,
              output_format="png")
@@ -74,7 +81,14 @@ class World:
     images: Path  # folder of hostile image files
     image_host: FakeServer  # serves them for coglet
     control: bytes  # the normal prediction's PNG, made before any hostile row
+    drip_headers: RawHostileServer  # drips its response headers a byte at a time, for 8 s
+    continue_forever: RawHostileServer  # sends `100 Continue` over and over, for 8 s
     next_id: list[int] = field(default_factory=lambda: [9000])
+
+    @property
+    def image_data(self) -> str:
+        """The good input image as a data: URL (what an upload becomes)."""
+        return "data:image/png;base64," + base64.b64encode((self.images / "ok.png").read_bytes()).decode()
 
     def version(self) -> int:
         self.next_id[0] += 1
@@ -174,6 +188,118 @@ def traversal_tar(lora: bytes) -> bytes:
     return make_trainer_tar(lora, lora_name="../../lora.safetensors")
 
 
+def rewrite_header(lora: bytes, change: Callable[[dict], None], *, data: bytes | None = None,
+                   raw: Callable[[str], str] | None = None) -> bytes:
+    """`lora` with its safetensors header changed by `change` (and its JSON text by `raw`), data kept or replaced."""
+    n = struct.unpack("<Q", lora[:8])[0]
+    header = json.loads(lora[8:8 + n])
+    change(header)
+    text = json.dumps(header)
+    text = raw(text) if raw else text
+    text += " " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text.encode() + (lora[8 + n:] if data is None else data)
+
+
+def _tensors(header: dict) -> list[str]:
+    """Tensor names in file order (by begin offset)."""
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _shift(header: dict, by: int) -> None:
+    """The last tensor's bytes moved by `by`: an overlap (by < 0) or a gap (by > 0) before it."""
+    last = header[_tensors(header)[-1]]
+    last["data_offsets"] = [o + by for o in last["data_offsets"]]
+
+
+def overlapping(lora: bytes) -> bytes:
+    return rewrite_header(lora, lambda h: _shift(h, -2))
+
+
+def gapped(lora: bytes) -> bytes:
+    n = struct.unpack("<Q", lora[:8])[0]
+    return rewrite_header(lora, lambda h: _shift(h, 2), data=lora[8 + n:] + b"\0\0")
+
+
+def null_offset(lora: bytes) -> bytes:
+    return rewrite_header(lora, lambda h: h[_tensors(h)[0]].update(data_offsets=[None, 512]))
+
+
+def shape_1e400(lora: bytes) -> bytes:
+    def change(h: dict) -> None:
+        h[_tensors(h)[0]]["shape"] = ["SHAPE"]
+    return rewrite_header(lora, change, raw=lambda text: text.replace('["SHAPE"]', "[1e400]"))
+
+
+def nested_metadata(lora: bytes, depth: int = 100_000) -> bytes:
+    """`__metadata__` holding a list nested `depth` deep (json.loads recurses once per level)."""
+    def change(h: dict) -> None:
+        h["__metadata__"] = {"deep": "NEST"}
+    return rewrite_header(lora, change, raw=lambda text: text.replace('"NEST"', "[" * depth + "]" * depth))
+
+
+def non_string_metadata(lora: bytes) -> bytes:
+    return rewrite_header(lora, lambda h: h.setdefault("__metadata__", {}).update(ss_network_dim=16))
+
+
+def with_values(lora: bytes, value: float, *, dtype=None, name_part: str = "lora_up") -> bytes:
+    """`lora` with one factor tensor (the first whose name has `name_part`) filled with `value`."""
+    import torch
+    from safetensors.torch import load
+
+    tensors = load(lora)
+    name = next(k for k in sorted(tensors) if name_part in k)
+    tensors[name] = torch.full_like(tensors[name], value, dtype=dtype or tensors[name].dtype)
+    return st_save(tensors, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def zeros_like_lora(lora: bytes, dim: int = 240_000) -> bytes:
+    """A valid SDXL LoRA (the good one's names) padded with a large all-zero tensor of its own."""
+    import torch
+    from safetensors.torch import load
+
+    tensors = load(lora)
+    tensors["lora_unet_pad.alpha"] = torch.zeros(dim)  # 960 KB of zeros: a few hundred bytes gzipped twice
+    return st_save(tensors)
+
+
+def nan_embeddings() -> bytes:
+    """A trainer embeddings.pti (one row per text encoder) whose rows are NaN."""
+    import torch
+
+    return st_save({"text_encoders_0": torch.full((2, 768), float("nan")),
+                    "text_encoders_1": torch.full((2, 1280), float("nan"))})
+
+
+def symlink_tar(lora: bytes) -> bytes:
+    """A trainer tar with the LoRA and a symlink to /etc/passwd."""
+    buf = io.BytesIO(make_trainer_tar(lora))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=buf) as src, tarfile.open(fileobj=out, mode="w") as tf:
+        for m in src.getmembers():
+            tf.addfile(m, src.extractfile(m))
+        link = tarfile.TarInfo("passwd")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    return out.getvalue()
+
+
+def token_pair(w: World, tag: str) -> dict:
+    """A host that gives the LoRA to ?token=A and refuses any other token; the file is fetched (and cached) with A
+    first, then the prediction asks with B: B's host must be asked, and say no."""
+    def answer(req):
+        from fakes import file_response
+
+        if req.query.get("token") == ["tok_A_secret"]:
+            return file_response(req, w.lora)
+        return Response(401, b"bad token", {"Content-Type": "text/plain"})
+    w.files.route("GET", rf"/{tag}/lora\.safetensors", answer)
+    url = f"{w.files.url}/{tag}/lora.safetensors?token="
+    ref = parse_lora_ref(url + "tok_A_secret")
+    w.cache.fetch(ref)
+    w.cache.release(ref)
+    return {"lora_weights": url + "tok_B_secret"}
+
+
 # ---------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Case:
@@ -184,9 +310,10 @@ class Case:
     error: type[Exception] | None
     input: str = "lora_weights"
     says: tuple[str, ...] = ()  # regexes the message must contain, besides "<input>: ... expected ... got ..."
-    via: str = "predictor"  # or "server": the real Cog server (coglet downloads image URLs itself)
+    via: str = "predictor"  # or "server": the real Cog server (image URLs as a caller of the server sends them)
     env: dict = field(default_factory=dict)  # env vars, weights constants (upper case) or cache settings for the row
     check: Callable[[World, str], None] | None = None  # more to check afterwards
+    hides: tuple[str, ...] = ()  # texts (secrets) the message must not contain
 
 
 def row(id: str, *args, **kwargs):
@@ -344,7 +471,89 @@ CASES = [
         "image", (r"expected a PNG, JPEG or WebP image",), via="server"),
     row("server-image-url-20000x20000", lambda w, t: {"image": w.image_host.url + "/huge.png"}, utils.InputError,
         "image", HUGE, via="server"),
+    # --- archives hold only what a trainer tar holds: uncompressed, few members, plain files (issue 14, class 3)
+    row("replicate-bz2-bomb-5gib", lambda w, t: {"lora_weights": w.rep(t, make_bz2_tar_bomb())}, IncompatibleError,
+        says=(r"got a bzip2-compressed archive", r"expected an uncompressed \.tar")),
+    row("url-gzip-tar", lambda w, t: {"lora_weights": w.serve(t, gzip.compress(make_trainer_tar(w.lora)),
+                                                              name="trained_model.tar")},
+        IncompatibleError, says=(r"got a gzip-compressed archive",)),
+    row("replicate-tar-300-members", lambda w, t: {"lora_weights": w.rep(t, make_many_member_tar(w.lora, 300))},
+        IncompatibleError, says=(r"got more than 256 members",)),
+    row("replicate-pax-sparse-200mib", lambda w, t: {"lora_weights": w.rep(t, make_pax_sparse_tar(w.lora))},
+        IncompatibleError, says=(r"got a sparse file 'lora\.safetensors'",)),
+    row("replicate-tar-with-symlink", lambda w, t: {"lora_weights": w.rep(t, symlink_tar(w.lora))},
+        IncompatibleError, says=(r"got a link 'passwd'",)),
+    row("data-url-trainer-tar", lambda w, t: {"lora_weights": data_url(make_trainer_tar(w.lora))}, None),
+    # --- every byte of a response, headers included, under the deadline; no decoding (class 5)
+    row("url-headers-drip", lambda w, t: {"lora_weights": f"{w.drip_headers.url}/{t}/lora.safetensors"}, NetworkError,
+        says=(r"took too long", r"expected at most 1s \(LORA_DOWNLOAD_TIMEOUT\)"), env={"LORA_DOWNLOAD_TIMEOUT": "1"}),
+    row("url-100-continue-forever", lambda w, t: {"extra_lora": f"{w.continue_forever.url}/{t}/lora.safetensors"},
+        NetworkError, "extra_lora", (r"took too long",), env={"LORA_DOWNLOAD_TIMEOUT": "1"}),
+    row("image-url-headers-drip", lambda w, t: {"image": f"{w.drip_headers.url}/{t}/x.png"}, NetworkError, "image",
+        (r"took too long",), env={"INPUT_DOWNLOAD_TIMEOUT": "1"}),
+    row("url-gzip-gzip-encoding", lambda w, t: {"lora_weights": w.serve(t, gzip_twice(zeros_like_lora(w.lora)),
+                                                                        headers={"Content-Encoding": "gzip, gzip"})},
+        IncompatibleError, says=(r"sent an encoded body", r"got Content-Encoding: gzip, gzip")),
+    # --- one table of refused addresses, also with LORA_ALLOW_LOCAL_HOSTS=1 (set for this module); image URLs (class 6)
+    row("url-oracle-metadata", lambda w, t: {"lora_weights": "http://192.0.0.192/opc/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL, r"got 192\.0\.0\.192")),
+    row("url-aws-ipv6-metadata", lambda w, t: {"lora_weights": "http://[fd00:ec2::254]/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL, r"got fd00:ec2::254")),
+    row("url-alibaba-metadata", lambda w, t: {"lora_weights": "http://100.100.100.200/latest/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL, r"got 100\.100\.100\.200")),
+    row("url-nat64-metadata", lambda w, t: {"lora_weights": "http://[64:ff9b::a9fe:a9fe]/x.safetensors"},
+        BlockedHostError, says=(LINK_LOCAL,)),
+    row("image-url-metadata", lambda w, t: {"image": "http://169.254.169.254/latest/meta-data/x.png"},
+        BlockedHostError, "image", (LINK_LOCAL, r"got 169\.254\.169\.254")),
+    row("mask-url-redirect-to-metadata", lambda w, t: {"image": w.image_data, "mask": w.redirect(
+        t, "http://[fd00:ec2::254]/latest/")}, BlockedHostError, "mask", (r"redirected to", LINK_LOCAL)),
+    row("image-url-signed-404", lambda w, t: {"image": f"{w.files.url}/{t}/gone.png?token=tok_IMG_secret"
+                                                        "&X-Amz-Signature=sig_IMG_secret"},
+        NotFoundError, "image", (r"was not found", r"got HTTP 404"), hides=("tok_IMG", "sig_IMG")),
+    row("image-url-oversize", lambda w, t: {"image": w.serve(t, bytes(2 << 20), name="big.png")}, TooLargeError,
+        "image", (r"expected at most 1 MiB \(INPUT_MAX_BYTES\)",), env={"INPUT_MAX_BYTES": str(1 << 20)}),
+    row("image-local-path", lambda w, t: {"image": "/etc/passwd"}, InvalidReferenceError, "image",
+        (r"expected an http\(s\) URL or a data: URL",)),
+    # --- cache identity; files refused at download unless they load (class 7)
+    row("url-token-b-after-token-a", token_pair, AuthRequiredError, says=(r"refused access", r"got HTTP 401"),
+        hides=("tok_A", "tok_B")),
+    row("url-overlapping-offsets", lambda w, t: {"lora_weights": w.serve(t, overlapping(w.lora))}, ChecksumError,
+        says=(r"tensor data overlaps",)),
+    row("url-gap-between-tensors", lambda w, t: {"lora_weights": w.serve(t, gapped(w.lora))}, ChecksumError,
+        says=(r"tensor data leaves a gap",)),
+    row("civitai-trailing-bytes", lambda w, t: {"lora_weights": w.civ(w.lora + bytes(64))}, ChecksumError,
+        says=(r"64 bytes after the last tensor",)),
+    row("hf-non-string-metadata", lambda w, t: {"lora_weights": w.hf(t, non_string_metadata(w.lora))},
+        ChecksumError, says=(r"__metadata__ must map strings to strings",)),
+    # --- values: NaN, Inf or absurd weights are refused at download, naming the input (class 4, download side)
+    row("url-nan-lora", lambda w, t: {"lora_weights": w.serve(t, with_values(w.lora, float("nan")))},
+        IncompatibleError, says=(r"holds unusable weights", r"expected finite values within \+-10000",
+                                 r"got NaN or Inf values in tensor 'lora_unet_")),
+    row("civitai-1e30-lora", lambda w, t: {"extra_lora": w.civ(with_values(w.lora, 1e30, dtype=_f32()))},
+        IncompatibleError, "extra_lora", (r"got values beyond \+-10000 in tensor",)),
+    row("data-inf-alpha", lambda w, t: {"lora_weights": data_url(with_values(w.lora, float("inf"), name_part="alpha"))},
+        IncompatibleError, says=(r"NaN or Inf values in tensor '.*\.alpha'",)),
+    row("replicate-nan-embeddings", lambda w, t: {"lora_weights": w.rep(t, make_trainer_tar(
+        w.lora, embeddings=nan_embeddings(), special_params={"TOK": "<s0><s1>"}))},
+        IncompatibleError, says=(r"\(embeddings\.pti\) holds unusable weights", r"text_encoders_0")),
+    # --- raw exceptions and 60 KB errors (class 9)
+    row("url-null-data-offset", lambda w, t: {"lora_weights": w.serve(t, null_offset(w.lora))}, ChecksumError,
+        says=(r"bad entry",)),
+    row("url-shape-1e400", lambda w, t: {"lora_weights": w.serve(t, shape_1e400(w.lora))}, ChecksumError,
+        says=(r"bad entry",)),
+    row("url-nested-metadata", lambda w, t: {"lora_weights": w.serve(t, nested_metadata(w.lora))}, ChecksumError,
+        says=(r"header is not JSON",)),
+    row("url-60kb", lambda w, t: {"lora_weights": f"{w.files.url}/{'a' * 60_000}.safetensors"},
+        InvalidReferenceError, says=(r"too long", r"at most 8192 characters")),
+    row("url-7kb-path-404", lambda w, t: {"lora_weights": f"{w.files.url}/{'b' * 7_000}.safetensors"},
+        NotFoundError, says=(r"got HTTP 404",)),
 ]
+
+
+def _f32():
+    import torch
+
+    return torch.float32
 
 
 def _waited(w: World, tag: str, seconds: float) -> None:
@@ -443,6 +652,9 @@ def world(predictor, tmp_path_factory):
     servers = [FakeServer(), FakeHFHub(), FakeCivitai(), FakeReplicate(), FakeServer()]
     for server in servers:
         server.start()
+    raw = [RawHostileServer("drip-headers"), RawHostileServer("continue-forever")]
+    for server in raw:
+        server.__enter__()
     files, hub, civitai, replicate, image_host = servers
     for name in ("login.png", "huge.png"):
         image_host.add_file(f"/{name}", (images / name).read_bytes(), content_type="image/png")
@@ -452,10 +664,13 @@ def world(predictor, tmp_path_factory):
     try:
         yield World(predictor=predictor, cache=cache, files=files, hub=hub, civitai=civitai, replicate=replicate,
                     lora=(made / "good.safetensors").read_bytes(), other_lora=(made / "other.safetensors").read_bytes(),
-                    foreign=foreign, images=images, image_host=image_host, control=_png(predictor))
+                    foreign=foreign, images=images, image_host=image_host, control=_png(predictor),
+                    drip_headers=raw[0], continue_forever=raw[1])
     finally:
         for server in servers:
             server.stop()
+        for server in raw:
+            server.__exit__()
         mp.undo()
 
 
@@ -488,7 +703,8 @@ def cache_state(cache: LoraCache) -> dict[str, str]:
         assert LoraCache.key_name(meta["canonical_id"]) == folder.name
         data = (folder / weights.LORA_FILE_NAME).read_bytes()
         assert (sha256(data), len(data)) == (meta["sha256"], meta["size"]), f"entry {folder.name} is not what it says"
-        weights.check_safetensors(folder / weights.LORA_FILE_NAME)
+        header = weights.check_safetensors(folder / weights.LORA_FILE_NAME)  # as strict as the loader
+        weights.check_tensor_values(folder / weights.LORA_FILE_NAME, header, weights.VALUE_BOUNDS["LoRA"])
         entries[folder.name] = meta["sha256"]
         total += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert {k: v for k, v in cache.stats.items() if k in ("entries", "bytes")} == {"entries": len(entries), "bytes": total}
@@ -496,7 +712,10 @@ def cache_state(cache: LoraCache) -> dict[str, str]:
 
 
 def check_message(message: str, case: Case, err: BaseException | None = None) -> None:
-    assert message.startswith(f"{case.input}:"), f"the error does not name {case.input}: {message}"
+    assert message.startswith(f"{case.input}:"), f"the error does not name {case.input}: {message[:300]}"
+    assert len(message) < 1000, f"the error is {len(message)} characters long"
+    for secret in case.hides:
+        assert secret not in message, f"{secret!r} leaked into the error"
     assert re.search(r"expected .+got ", message), f"the error does not say what was expected and what came: {message}"
     for pattern in case.says:
         assert re.search(pattern, message), f"{pattern!r} not in: {message}"
@@ -541,7 +760,7 @@ def test_hostile_source_fails_clearly_leaves_no_bad_file_and_the_next_prediction
 
 
 def _server_row(case: Case, inputs: dict, world: World, server_control: list) -> None:
-    """An image input that coglet downloads itself: the failure comes back as the prediction's error."""
+    """An image URL sent to the real server: the failure comes back as the prediction's error."""
     server, control = server_control
     result = server.predict({**SMALL, **inputs})
     assert result["status"] == "failed", result

@@ -74,9 +74,16 @@ def test_parse_url_query_that_names_the_file_is_part_of_the_key():
     assert one.canonical_id != two.canonical_id
     assert one.display == two.display == "https://files.example.com/download"  # the display stays query-free
     # Signing / auth / expiry parameters (any case) are not part of the key; the others are, in any order.
-    signed = ("https://files.example.com/download?sig=S&id=1&se=2030-01-01&X-Goog-Signature=G&Expires=9&token=T"
+    # Signing / expiry parameters (any case) are not part of the key, but mark the URL as signed (resolved against
+    # the host's ETag); auth parameters are (hashed); the others are, in any order.
+    signed = ("https://files.example.com/download?sig=S&id=1&se=2030-01-01&X-Goog-Signature=G&Expires=9"
               "&x-ms-version=1&Policy=P&Key-Pair-Id=K&response-content-disposition=a&download=true")
-    assert parse_lora_ref(signed).canonical_id == one.canonical_id
+    assert parse_lora_ref(signed).canonical_id == one.canonical_id and parse_lora_ref(signed).signed
+    assert not parse_lora_ref(signed).resolved and one.resolved
+    token_a = parse_lora_ref("https://files.example.com/download?id=1&token=tok_secret_a")
+    token_b = parse_lora_ref("https://files.example.com/download?id=1&token=tok_secret_b")
+    assert token_a.canonical_id not in (one.canonical_id, token_b.canonical_id)
+    assert "tok_secret" not in token_a.canonical_id + repr(token_a) + token_a.display
     assert parse_lora_ref("https://files.example.com/download?b=2&a=1").canonical_id == \
         parse_lora_ref("https://files.example.com/download?a=1&b=2").canonical_id
     assert parse_lora_ref("https://files.example.com/download").canonical_id not in (one.canonical_id, two.canonical_id)
@@ -88,9 +95,10 @@ def test_urls_differing_only_in_query_are_different_loras(files):
     cache = LoraCache.from_env()
     first = fetch(files.url + "/download?id=1&sig=A", cache=cache)
     second = fetch(files.url + "/download?id=2&sig=A", cache=cache)
-    again = fetch(files.url + "/download?sig=B&id=1", cache=cache)  # re-signed: the same file
+    again = fetch(files.url + "/download?sig=B&id=1", cache=cache)  # re-signed: the same file (same ETag)
     assert first.path.read_bytes() == LORA and second.path.read_bytes() == make_lora(2)
     assert again.path == first.path and cache.stats["entries"] == 2 and cache.stats["hits"] == 1
+    assert files.count("/download") == 5  # two downloads, each after its ETag look-up, and the re-signed look-up
 
 
 def weights_file(req, data: bytes):
@@ -215,12 +223,13 @@ def test_civitai_not_found(civitai):
 
 # ---------------------------------------------------------------------------------------------- Replicate
 def test_replicate_latest_with_token_and_sidecars(replicate):
-    tar = make_trainer_tar(LORA, embeddings=b"EMB", special_params={"TOK": "<s0><s1>"})
+    emb = make_lora(5)  # any valid safetensors file stands for the token rows here
+    tar = make_trainer_tar(LORA, embeddings=emb, special_params={"TOK": "<s0><s1>"})
     replicate.add_version("me/style", "v1", make_trainer_tar(make_lora(2)))
     replicate.add_version("me/style", "v2", tar)
     lf = fetch("me/style", Tokens(replicate="r8_test"))
     assert lf.ref.canonical_id == "replicate:me/style:v2" and lf.path.read_bytes() == LORA
-    assert lf.embeddings_path and lf.embeddings_path.read_bytes() == b"EMB"
+    assert lf.embeddings_path and lf.embeddings_path.read_bytes() == emb
     assert lf.special_params == {"TOK": "<s0><s1>"}
 
 
