@@ -94,12 +94,14 @@ class GraphRunner:
         key = (tag, _signature(inputs))
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self._capture(key, fn, inputs)
+            graph = self._capture(key, fn, inputs)  # its static inputs hold these inputs already
         else:
             for name, value in inputs.items():
                 graph.inputs[name].copy_(value)
-            graph.replay()
-            self.stats["replays"] += 1
+        # A capture records the kernels without running them: the outputs of the capturing call itself exist only
+        # after a replay (seen on an H200: without it the first step at a new shape was garbage).
+        graph.replay()
+        self.stats["replays"] += 1
         # The next replay rewrites the static outputs: hand out copies.
         return tuple(out.clone() for out in graph.outputs)
 

@@ -651,6 +651,11 @@ def _metadata_number(value: Any, what: str, name: str, *, integer: bool = False)
     return number
 
 
+def check_peft_metadata(metadata: Mapping[str, str], name: str = "LoRA") -> None:
+    """The PEFT alpha metadata checks of a merge, for the download: a file that could never merge is not cached."""
+    _peft_alpha_config(metadata, name)
+
+
 def _peft_alpha_config(metadata: Mapping[str, str], name: str = "LoRA") -> dict[str, Any]:
     """Alpha settings of PEFT/diffusers adapters from safetensors metadata (flat or in lora_adapter_metadata),
     checked: lora_alpha values are finite numbers, alpha_pattern / rank_pattern are mappings of supported patterns

@@ -903,8 +903,14 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
 
 
 def _check_lora_keys(header: dict, ctx: _Context) -> None:
-    from lora import detect_foreign_base
+    from lora import LoraError, check_peft_metadata, detect_foreign_base
 
+    try:  # hostile or broken PEFT metadata (alpha_pattern, lora_alpha) fails every merge: keep it out of the cache
+        check_peft_metadata(header.get("__metadata__") or {}, ctx.display)
+    except LoraError as err:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} has unusable PEFT metadata",
+                   expected="PEFT lora_alpha / alpha_pattern / rank_pattern as PEFT writes them",
+                   got=_short(str(err), 300)) from None
     foreign = detect_foreign_base(k for k in header if k != "__metadata__")
     if foreign:
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL LoRA",

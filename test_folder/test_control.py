@@ -257,7 +257,7 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
         hub.add_file(source["repo"], "config_promax.json", (folder / "config.json").read_bytes())
         hub.add_file(source["repo"], "diffusion_pytorch_model_promax.safetensors", weights_file, lfs=True)
         hub.add_file(source["repo"], "diffusion_pytorch_model.safetensors", b"decoy " * 20, lfs=True)
-        hub.repos[source["repo"]].branch = source["revision"]  # the fake accepts its branch name as a revision
+        hub.set_commit(source["repo"], script.PINS["controlnet"]["commit"])
         for name, value in (("HF_ENDPOINT", hub.url), ("NO_PROXY", "127.0.0.1,localhost"),
                             ("HF_HOME", str(tmp_path / "hf-home")), ("HF_HUB_DISABLE_XET", "1")):
             monkeypatch.setenv(name, value)
@@ -267,16 +267,19 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
                                                         "diffusion_pytorch_model_promax.safetensors"):
             script.install("controlnet", dest, script.Hub, force=False)
         assert not (dest / control.CONTROLNET_DIR).exists() and not list(dest.iterdir())
-        tiny_pin = {"diffusion_pytorch_model_promax.safetensors": hashlib.sha256(weights_file).hexdigest()}
-        monkeypatch.setitem(source, "sha256", tiny_pin)
+        def pin_tiny(name: str, files: dict[str, bytes]) -> None:
+            monkeypatch.setitem(script.PINS, name, {"commit": script.PINS[name]["commit"], "files": {
+                path: (len(data), hashlib.sha256(data).hexdigest()) for path, data in files.items()}})
+
+        pin_tiny("controlnet", {"diffusion_pytorch_model_promax.safetensors": weights_file})
         script.install("controlnet", dest, script.Hub, force=False)
         # The depth model: the same pinned path without renames, and its own load check.
         depth_source, depth_dir = script.SOURCES["depth"], tiny_weights / preprocess.DEPTH_DIR
         for path in depth_source["files"]:
             hub.add_file(depth_source["repo"], path, (depth_dir / path).read_bytes())
-        hub.repos[depth_source["repo"]].branch = depth_source["revision"]
+        hub.set_commit(depth_source["repo"], script.PINS["depth"]["commit"])
         depth_weights = (depth_dir / "model.safetensors").read_bytes()
-        monkeypatch.setitem(depth_source, "sha256", {"model.safetensors": hashlib.sha256(depth_weights).hexdigest()})
+        pin_tiny("depth", {"model.safetensors": depth_weights})
         script.install("depth", dest, script.Hub, force=False)
         # The IP-Adapter: h94's own layout (two folders), kept as it is.
         import reference
@@ -284,9 +287,8 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
         ref_source, ref_dir = script.SOURCES["reference"], tiny_weights / reference.REFERENCE_DIR
         for path in ref_source["files"]:
             hub.add_file(ref_source["repo"], path, (ref_dir / path).read_bytes())
-        hub.repos[ref_source["repo"]].branch = ref_source["revision"]
-        monkeypatch.setitem(ref_source, "sha256", {p: hashlib.sha256((ref_dir / p).read_bytes()).hexdigest()
-                                                   for p in ref_source["sha256"]})
+        hub.set_commit(ref_source["repo"], script.PINS["reference"]["commit"])
+        pin_tiny("reference", {p: (ref_dir / p).read_bytes() for p in script.PINS["reference"]["files"]})
         script.install("reference", dest, script.Hub, force=False)
         assert sorted(p.relative_to(dest).as_posix() for p in (dest / reference.REFERENCE_DIR).rglob("*.*")) == sorted(
             [f"{reference.REFERENCE_DIR}/{p}" for p in ref_source["files"]] + [f"{reference.REFERENCE_DIR}/MANIFEST.json"])

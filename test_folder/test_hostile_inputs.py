@@ -324,6 +324,20 @@ def test_the_issue_pattern_in_flat_metadata_is_refused_too(tmp_path):
         _parse(path)
 
 
+def test_a_lora_with_hostile_peft_metadata_is_refused_at_download_and_never_cached(tmp_path):
+    import base64
+
+    import weights
+
+    path = _peft_file(tmp_path / "l.safetensors", {"alpha_pattern": json.dumps({"(.*.*)*Z": 8}), "lora_alpha": "4"})
+    url = "data:application/octet-stream;base64," + base64.b64encode(path.read_bytes()).decode()
+    cache = weights.LoraCache(tmp_path / "cache")
+    with hang_guard(), pytest.raises(weights.IncompatibleError) as err:
+        weights.fetch_lora(url, weights.Tokens(), cache=cache)
+    assert str(err.value).startswith("lora_weights:") and "PEFT metadata alpha_pattern" in str(err.value)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+
+
 def test_alpha_pattern_picks_each_layers_alpha_as_peft_does(tmp_path):
     """First key in order that matches the module name or a dot-separated tail of it (PEFT's get_pattern_key,
     computed here with Python's re on these harmless keys as the independent oracle)."""

@@ -247,7 +247,8 @@ def with_values(lora: bytes, value: float, *, dtype=None, name_part: str = "lora
     from safetensors.torch import load
 
     tensors = load(lora)
-    name = next(k for k in sorted(tensors) if name_part in k)
+    # an embedding or VAE file (the rows run over those inputs too) has no factor: its first tensor then
+    name = next((k for k in sorted(tensors) if name_part in k), sorted(tensors)[0])
     tensors[name] = torch.full_like(tensors[name], value, dtype=dtype or tensors[name].dtype)
     return st_save(tensors, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
 
@@ -783,6 +784,7 @@ KIND_INPUTS = {
     "vae": ("VAE", lambda ref: ref, "vae"),
 }
 # Rows about what a LoRA file holds: another kind says instead that the file is not one of its kind.
+_VALUE_ROWS = ("url-nan-lora", "civitai-1e30-lora", "data-inf-alpha")
 _CONTENT_ROWS = ("url-sd15-lora", "hf-flux-lora", "civitai-sd3-lora-labelled-sdxl", "replicate-sd15-in-tar",
                  "data-checkpoint-as-lora")
 LORA_ROWS = [p for p in CASES if p.values[0].input in ("lora_weights", "extra_lora") and p.values[0].via == "predictor"
@@ -842,6 +844,8 @@ def _kind_case(case: Case, row_id: str, kind: str, input_name: str, built: dict)
         env, says = {"MAX_SAFETENSORS_HEADER": 65536}, (r"got a safetensors header of \d+ bytes", r"at most 65536")
     if kind != "LoRA" and row_id in _CONTENT_ROWS:
         says = (rf"is not an SDXL {kind}",)
+    if kind != "LoRA" and row_id in _VALUE_ROWS:  # the kind's own bound and tensor names
+        says = (r"holds unusable weights", r"(NaN or Inf values|values beyond \+-[\d.e+]+) in tensor")
     if kind != "LoRA":
         says = tuple(s for s in says if s not in (r"full checkpoint",))
     return dataclasses.replace(case, input=input_name, says=says, env=env)
