@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 # The LoRA downloader refuses loopback and private addresses unless told otherwise; every fake server in these
 # tests listens on 127.0.0.1. Set before any server process starts, so the Cog servers inherit it.
 os.environ["LORA_ALLOW_LOCAL_HOSTS"] = "1"
+# Under pytest-xdist (script/test runs two workers on CI's two cores), one thread per process: two workers with two
+# torch threads each, plus their Cog servers, would contend for the cores. Set before torch is imported, so the
+# servers these tests start inherit it too.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _tiny_weights_dir() -> Path:
