@@ -158,7 +158,8 @@ def check_inputs(
         if not ok:
             raise utils.InputError(message)
 
-    image, mask = (None if isinstance(v, str) and not v.strip() else v for v in (image, mask))  # "" from a form
+    image, mask, control_image, reference_image = (  # "" from a form is no image
+        None if isinstance(v, str) and not v.strip() else v for v in (image, mask, control_image, reference_image))
 
     spec = utils.model_spec(use_standard_sdxl)
     checkpoint_ref = None
@@ -234,9 +235,12 @@ def check_inputs(
                "runs no denoising step; expected num_inference_steps x prompt_strength >= 1")
 
     with contextlib.ExitStack() as files:  # fetched as `image` is; each request holds its decoded image
-        control_path, reference_path = (None if value is None else files.enter_context(weights.input_file(value, name))
-                                        for name, value in (("control_image", control_image),
-                                                            ("reference_image", reference_image)))
+        # An image whose unit cannot act (strength 0, an empty window) is not fetched: no unit, the plain image.
+        control_acts = control_strength > 0 and control_end > control_start
+        control_path, reference_path = (
+            files.enter_context(weights.input_file(value, name)) if value is not None and acts else None
+            for name, value, acts in (("control_image", control_image, control_acts),
+                                      ("reference_image", reference_image, reference_strength > 0)))
         control_request = control.check_control(control_path, control_type, control_preprocess, control_strength,
                                                 control_start, control_end, size)
         reference_request = reference.check_reference(reference_path, reference_strength, reference_mode)

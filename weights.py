@@ -2074,7 +2074,7 @@ def _resolve_signed(ref: WeightsRef, ctx: _Context, session: requests.Session) -
 def _resolve_data(ref: WeightsRef, ctx: _Context) -> _Plan:
     def produce(tmp: Path, session: requests.Session, c: _Context) -> _Staged:
         payload = _decode_data_url(ref.url or "")
-        if _is_plain_tar(payload[:512]):  # a trainer tar inlined (README: data: URLs of .safetensors or .tar)
+        if KINDS[c.kind].accepts_tar and _is_plain_tar(payload[:512]):  # a trainer tar inlined (README: data: URLs of .safetensors or .tar)
             if len(payload) > c.max_bytes + 2 * MAX_SIDE_FILE_BYTES:
                 raise _too_large(c, len(payload))
             download = tmp / "download.tar"

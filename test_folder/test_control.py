@@ -215,6 +215,13 @@ def test_bad_control_inputs_are_errors_naming_the_input(tmp_path):
     assert request.control.image.size == (1024, 1024) and request.control.type == "depth"
     for off in (dict(control_strength=0.0), dict(control_start=0.5, control_end=0.5), dict(control_end=0.0)):
         assert predict.check_inputs(**base, control_image=good, **off).control is None  # runs as without control
+    # "" (what a web form sends) is no image; a unit that cannot act does not fetch its image at all (this address
+    # would be refused if it were asked for)
+    blank = predict.check_inputs(**base, control_image="", reference_image=" ")
+    assert blank.control is None and blank.reference is None
+    unreachable = "https://192.0.0.192/x.png"
+    assert predict.check_inputs(**base, control_image=unreachable, control_strength=0.0).control is None
+    assert predict.check_inputs(**base, reference_image=unreachable, reference_strength=0.0).reference is None
 
 
 def test_control_through_the_cog_server(cog_server):
@@ -292,6 +299,9 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
         script.install("reference", dest, script.Hub, force=False)
         assert sorted(p.relative_to(dest).as_posix() for p in (dest / reference.REFERENCE_DIR).rglob("*.*")) == sorted(
             [f"{reference.REFERENCE_DIR}/{p}" for p in ref_source["files"]] + [f"{reference.REFERENCE_DIR}/MANIFEST.json"])
+    # `script/download_weights --check` (what owners run before `cog build`) passes the three folders offline
+    control_only = [arg for name in ("controlnet", "depth", "reference") for arg in ("--only", name)]
+    assert script.main(["--dest", str(dest), "--check", *control_only]) == 0
     out = dest / control.CONTROLNET_DIR
     assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "config.json",
                                                      "diffusion_pytorch_model.safetensors"]
