@@ -1185,6 +1185,35 @@ class _DeadlineSession(requests.Session):
             self._timer.daemon = True
             self._timer.start()
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() on a worker thread while this thread waits in short slices.
+
+        Cog cancels a prediction by raising an exception in the predicting thread between two bytecodes, which
+        never happens while that thread is blocked in a socket read: a host that stops sending held a cancel for
+        up to READ_TIMEOUT.  Here the blocked read is the worker's; the cancellation lands at once, shuts every
+        socket of the session (the worker's read returns and it unwinds), and goes on once the worker is done
+        (so its files are closed before the caller removes them)."""
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
+                box["error"] = err
+
+        worker = threading.Thread(target=work, name="weights-fetch", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.05)
+        except BaseException:
+            self._expire()
+            worker.join(READ_TIMEOUT)  # only reads outside this session (the Hub client's) can take this long
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def watch(self, sock: socket.socket) -> None:
         with self._lock:
             self._sockets.add(sock)
@@ -2325,14 +2354,14 @@ class LoraCache:
         with _DeadlineSession(started, started + _download_timeout()) as session:
             session.trust_env = True
             # A resolved ref (immutable version/commit, URL, data) is looked up before any network call.
-            plan = None if ref.resolved else _resolve(ref, ctx, session)
+            plan = None if ref.resolved else session.call(lambda: _resolve(ref, ctx, session))
             key = ref.canonical_id if plan is None else plan.ref.canonical_id
             with self._lock:
                 entry = self._lookup(key)
                 if entry is not None:
                     return self._hit(plan.ref if plan else ref, key, entry, started, ref)
             if plan is None:
-                plan = _resolve(ref, ctx, session)
+                plan = session.call(lambda: _resolve(ref, ctx, session))
             lock = self._file_lock(key)
             with lock:
                 with self._lock:
@@ -2344,7 +2373,7 @@ class LoraCache:
                 try:
                     now = time.monotonic()
                     session.rearm(now, now + _download_timeout())  # download, verification and extraction
-                    staged = plan.produce(tmp, session, ctx)
+                    staged = session.call(lambda: plan.produce(tmp, session, ctx))
                     entry = self._install(plan, staged, ctx, asked=ref)
                 except OSError as err:
                     # EFBIG: over the file-size limit of the file system or of this process (RLIMIT_FSIZE).

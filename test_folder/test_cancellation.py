@@ -82,6 +82,33 @@ def test_cancel_during_lora_download_keeps_no_partial_file_and_the_next_predicti
     assert faults_server.predict(BASE)["output"] == controls["base"]
 
 
+def test_cancel_lands_at_once_while_the_source_sends_nothing(faults_server, faults_fakes, controls, predictor,
+                                                             tmp_path):
+    """A host that stops sending blocks the socket read; the download runs on a worker thread, so the cancel is not
+    held until the next byte (20 s here) or the read timeout (60 s): it lands within the 8 s this test waits."""
+    files = faults_fakes.files
+    path = tmp_path / "stalled.safetensors"
+    write_kohya_lora(path, predictor.models.models["illustrious"].txt2img, seed=13)
+    url = files.add_file("/cancel/stalled.safetensors", path.read_bytes())
+    files.drip("/cancel/stalled", 20.0)
+
+    pending = faults_server.start("cancel-stalled", {**BASE, "lora_weights": url})
+    deadline = time.monotonic() + 60
+    while files.count("/cancel/stalled", "GET") == 0:
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.01)
+    time.sleep(0.3)  # past the first byte: the read is now blocked for 20 s
+    sent = time.monotonic()
+    assert faults_server.cancel(pending.id).status_code == 200
+    result = pending.result(timeout=8)
+    print(f"{pending.id}: canceled {pending.finished_at - sent:.3f}s after the cancel request")
+
+    assert_clean(faults_server, result)
+    entry = faults_server.lora_cache / "entries" / LoraCache.key_name(parse_lora_ref(url).canonical_id)
+    assert not entry.exists()
+    assert faults_server.predict(BASE)["output"] == controls["base"]
+
+
 def test_cancel_in_the_middle_of_merging_a_lora_restores_the_weights_for_the_next_prediction(
         faults_server, lora_url, controls):
     # The LoRA at 0.8 is in the weights; the canceled request rewrites at least 100 of its 276 layers at 0.3, then stops.

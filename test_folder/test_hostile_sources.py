@@ -837,6 +837,9 @@ def _kind_case(case: Case, row_id: str, kind: str, input_name: str, built: dict)
         (not spec.accepts_data and ref.startswith("data:"))
     if refused:  # a source this kind is never shipped as: refused when parsed
         return dataclasses.replace(case, error=InvalidReferenceError, input=input_name, says=(r"are not",))
+    if not spec.accepts_tar and row_id == "data-url-trainer-tar":  # not unpacked: a tar is no file of this kind
+        return dataclasses.replace(case, error=IncompatibleError, input=input_name,
+                                   says=(rf"is not a usable {kind} file",))
     says = tuple(s.replace("a LoRA", f"an? (SDXL )?{kind}").replace("LoRA", kind).replace("LORA_MAX_BYTES", spec.max_env)
                  for s in case.says)
     env = case.env
