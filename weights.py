@@ -2527,35 +2527,38 @@ def _fetch_input_url(url: str, dest: Path, input_name: str, cap: int) -> None:
         timeout = DEFAULT_INPUT_DOWNLOAD_TIMEOUT
     try:
         with _DeadlineSession(started, started + timeout) as session, dest.open("wb") as out:
-            resp = _open(session, url, ctx, _Auth({}, None), extra={"Accept-Encoding": "identity"},
-                         not_found="Check the image link.")
-            try:
-                encoding = resp.headers.get("Content-Encoding", "").strip().lower()
-                if encoding not in ("", "identity"):
-                    raise _err(IncompatibleError, input_name, f"{ctx.display} sent an encoded body",
-                               expected="the image itself (we ask for Accept-Encoding: identity)",
-                               got=f"Content-Encoding: {_short(encoding, 40)}")
-                length = resp.headers.get("Content-Length", "")
-                if length.isdigit() and int(length) > cap:
-                    raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
-                               expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{int(length) / MiB:.0f} MiB")
+            def download() -> None:  # on the session's worker thread, so that a cancel lands at once
+                resp = _open(session, url, ctx, _Auth({}, None), extra={"Accept-Encoding": "identity"},
+                             not_found="Check the image link.")
                 try:
-                    for block in _body_chunks(resp):
-                        out.write(block)
-                        if out.tell() > cap:
-                            raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
-                                       expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got="more")
-                        _check_deadline(session.deadline, started, ctx, out.tell())
-                    _session_deadline(session, ctx, out.tell())  # a body ended by the deadline's shutdown
-                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-                    _session_deadline(session, ctx, out.tell())
-                    raise _err(NetworkError, input_name, f"the download of {ctx.display} broke off",
-                               expected="the whole image", got=f"{out.tell()} bytes") from _scrub(err, ctx.secrets)
-            finally:
-                resp.close()
-            if length.isdigit() and out.tell() < int(length):
-                raise _err(NetworkError, input_name, f"the download of {ctx.display} was cut short",
-                           expected=f"{length} bytes", got=f"{out.tell()} bytes")
+                    encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+                    if encoding not in ("", "identity"):
+                        raise _err(IncompatibleError, input_name, f"{ctx.display} sent an encoded body",
+                                   expected="the image itself (we ask for Accept-Encoding: identity)",
+                                   got=f"Content-Encoding: {_short(encoding, 40)}")
+                    length = resp.headers.get("Content-Length", "")
+                    if length.isdigit() and int(length) > cap:
+                        raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
+                                   expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got=f"{int(length) / MiB:.0f} MiB")
+                    try:
+                        for block in _body_chunks(resp):
+                            out.write(block)
+                            if out.tell() > cap:
+                                raise _err(TooLargeError, input_name, f"{ctx.display} is too large",
+                                           expected=f"at most {cap / MiB:.0f} MiB (INPUT_MAX_BYTES)", got="more")
+                            _check_deadline(session.deadline, started, ctx, out.tell())
+                        _session_deadline(session, ctx, out.tell())  # a body ended by the deadline's shutdown
+                    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                        _session_deadline(session, ctx, out.tell())
+                        raise _err(NetworkError, input_name, f"the download of {ctx.display} broke off",
+                                   expected="the whole image", got=f"{out.tell()} bytes") from _scrub(err, ctx.secrets)
+                finally:
+                    resp.close()
+                if length.isdigit() and out.tell() < int(length):
+                    raise _err(NetworkError, input_name, f"the download of {ctx.display} was cut short",
+                               expected=f"{length} bytes", got=f"{out.tell()} bytes")
+
+            session.call(download)
     except WeightsError as err:
         _scrub_chain(err, ctx.secrets)
         logger.warning("%s %s: failed with %s after %.2fs", input_name, ctx.display, type(err).__name__,
