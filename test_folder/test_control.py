@@ -274,29 +274,30 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
                                                         "diffusion_pytorch_model_promax.safetensors"):
             script.install("controlnet", dest, script.Hub, force=False)
         assert not (dest / control.CONTROLNET_DIR).exists() and not list(dest.iterdir())
+
         def pin_tiny(name: str, files: dict[str, bytes]) -> None:
             monkeypatch.setitem(script.PINS, name, {"commit": script.PINS[name]["commit"], "files": {
                 path: (len(data), hashlib.sha256(data).hexdigest()) for path, data in files.items()}})
 
+        def install_from(name: str, folder: Path) -> None:
+            """The component's files served from a tiny folder of the same layout, its weights pinned to them."""
+            source = script.SOURCES[name]
+            for path in source["files"]:
+                hub.add_file(source["repo"], path, (folder / path).read_bytes())
+            hub.set_commit(source["repo"], script.PINS[name]["commit"])
+            pin_tiny(name, {p: (folder / p).read_bytes() for p in script.PINS[name]["files"]})
+            script.install(name, dest, script.Hub, force=False)
+
         pin_tiny("controlnet", {"diffusion_pytorch_model_promax.safetensors": weights_file})
         script.install("controlnet", dest, script.Hub, force=False)
         # The depth model: the same pinned path without renames, and its own load check.
-        depth_source, depth_dir = script.SOURCES["depth"], tiny_weights / preprocess.DEPTH_DIR
-        for path in depth_source["files"]:
-            hub.add_file(depth_source["repo"], path, (depth_dir / path).read_bytes())
-        hub.set_commit(depth_source["repo"], script.PINS["depth"]["commit"])
-        depth_weights = (depth_dir / "model.safetensors").read_bytes()
-        pin_tiny("depth", {"model.safetensors": depth_weights})
-        script.install("depth", dest, script.Hub, force=False)
+        depth_weights = (tiny_weights / preprocess.DEPTH_DIR / "model.safetensors").read_bytes()
+        install_from("depth", tiny_weights / preprocess.DEPTH_DIR)
         # The IP-Adapter: h94's own layout (two folders), kept as it is.
         import reference
 
-        ref_source, ref_dir = script.SOURCES["reference"], tiny_weights / reference.REFERENCE_DIR
-        for path in ref_source["files"]:
-            hub.add_file(ref_source["repo"], path, (ref_dir / path).read_bytes())
-        hub.set_commit(ref_source["repo"], script.PINS["reference"]["commit"])
-        pin_tiny("reference", {p: (ref_dir / p).read_bytes() for p in script.PINS["reference"]["files"]})
-        script.install("reference", dest, script.Hub, force=False)
+        ref_source = script.SOURCES["reference"]
+        install_from("reference", tiny_weights / reference.REFERENCE_DIR)
         assert sorted(p.relative_to(dest).as_posix() for p in (dest / reference.REFERENCE_DIR).rglob("*.*")) == sorted(
             [f"{reference.REFERENCE_DIR}/{p}" for p in ref_source["files"]] + [f"{reference.REFERENCE_DIR}/MANIFEST.json"])
     # `script/download_weights --check` (what owners run before `cog build`) passes the three folders offline
