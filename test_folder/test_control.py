@@ -4,6 +4,8 @@ re-running stand-in capture of test_graphs.py), the map fitting, the preprocesso
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
