@@ -725,17 +725,22 @@ def check_message(message: str, case: Case, err: BaseException | None = None) ->
 
 
 # ------------------------------------------------------------------------------------------------- the test
-@pytest.mark.parametrize("case", CASES)
-def test_hostile_source_fails_clearly_leaves_no_bad_file_and_the_next_prediction_is_unchanged(
-        case: Case, world: World, request, monkeypatch):
-    tag = request.node.callspec.id
-    for name, value in case.env.items():
+def apply_env(env: dict, cache, monkeypatch) -> None:
+    """A row's settings: the cache's free-disk floor, a weights.py constant, or an environment variable."""
+    for name, value in env.items():
         if name == "min_free_bytes":
-            monkeypatch.setattr(world.cache, name, value)
+            monkeypatch.setattr(cache, name, value)
         elif name.isupper() and hasattr(weights, name):
             monkeypatch.setattr(weights, name, value)
         else:
             monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hostile_source_fails_clearly_leaves_no_bad_file_and_the_next_prediction_is_unchanged(
+        case: Case, world: World, request, monkeypatch):
+    tag = request.node.callspec.id
+    apply_env(case.env, world.cache, monkeypatch)
     built = case.build(world, tag)
     if case.via == "server":
         _server_row(case, built, world, request.getfixturevalue("server_control"))
@@ -867,13 +872,7 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
     tag = f"{kind_input}-{row_id}"
     built = case.build(w, tag)
     expected = _kind_case(case, row_id, kind, input_name, built)
-    for name, value in expected.env.items():
-        if name == "min_free_bytes":
-            monkeypatch.setattr(w.cache, name, value)
-        elif name.isupper() and hasattr(weights, name):
-            monkeypatch.setattr(weights, name, value)
-        else:
-            monkeypatch.setenv(name, value)
+    apply_env(expected.env, w.cache, monkeypatch)
     inputs = {kind_input: write(next(iter(built.values())))}
     before = cache_state(w.cache)
     if expected.error is None:
