@@ -70,6 +70,16 @@ class CogServer:
     def health(self) -> dict:
         return requests.get(self.base + "/health-check", timeout=5).json()
 
+    def settled_health(self, timeout: float = 10) -> dict:
+        """Health once the one prediction slot is released: coglet reports BUSY for a moment after a prediction
+        ends (it answers the prediction first, then frees the slot), so BUSY is only a failure if it lasts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.health()
+            if health["status"] != "BUSY" or time.monotonic() > deadline:
+                return health
+            time.sleep(0.05)
+
     def start(self, prediction_id: str, inputs: dict, timeout: float = 300) -> "Pending":
         """Start a prediction without waiting for it (an idempotent PUT /predictions/<id>, run in a thread)."""
         return Pending(self, prediction_id, inputs, timeout)

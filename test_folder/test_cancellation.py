@@ -56,7 +56,7 @@ def cancel_now(server, pending) -> dict:
 def assert_clean(server, result: dict) -> None:
     """Canceled, READY again, nothing half-written in the shared LoRA cache."""
     assert result["status"] == "canceled", result
-    assert server.health()["status"] == "READY"
+    assert server.settled_health()["status"] == "READY"
     assert list((server.lora_cache / "tmp").iterdir()) == []
 
 
