@@ -1,7 +1,7 @@
 """Cog surface of the SDXL / Illustrious XL LoRA model: inputs, validation and orchestration only.
 
 The model side (loading, sizes, schedulers, safety, saving) is in utils.py, LoRA sources in weights.py, LoRA
-merging in lora.py and prompt encoding in prompts.py.
+merging in sdxl/lora.py and prompt encoding in sdxl/prompts.py.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Optional
 import torch
 from cog import BasePredictor, Input, Path, Secret
 
-import control
-import embeddings
-import lora
-import preprocess
-import prompts
-import reference
-import stepcache
+from sdxl import control
+from sdxl import embeddings
+from sdxl import lora
+from sdxl import preprocess
+from sdxl import prompts
+from sdxl import reference
+from sdxl import stepcache
 import utils
-import vae
+from sdxl import vae
 import weights
 
 logger = logging.getLogger("predict")
@@ -99,11 +99,11 @@ class Request:
     output_quality: int
     safety_checker: bool
     checkpoint: Optional[weights.WeightsRef] = None  # a custom checkpoint instead of the baked models
-    go_fast: bool = False  # step caching (stepcache.py): faster, changes the image
+    go_fast: bool = False  # step caching (sdxl/stepcache.py): faster, changes the image
     embeddings: tuple[embeddings.EmbeddingInput, ...] = ()  # textual inversions, one per `embeddings` line
     vae: Optional[weights.WeightsRef] = None  # a user VAE instead of the model's own
-    control: Optional[control.ControlRequest] = None  # a ControlNet unit (control.py); None: no control acts
-    reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (reference.py)
+    control: Optional[control.ControlRequest] = None  # a ControlNet unit (sdxl/control.py); None: no control acts
+    reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (sdxl/reference.py)
 
 
 def check_inputs(

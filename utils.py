@@ -1,7 +1,7 @@
 """Model side of the predictor: model specs, loading, sizes, schedulers, safety checking and image saving.
 
 Everything here is plain functions and data tables that tests call without Cog. LoRA formats and merging live
-in lora.py and prompt parsing/encoding in prompts.py (see the README's architecture section for why).
+in sdxl/lora.py and prompt parsing/encoding in sdxl/prompts.py (see the README's architecture section for why).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ class LoadedModel:
     # request's sampler options (Karras sigmas, SDE, order) never leak into the next.
     scheduler_config: dict
 
-    # How UNet steps are captured as CUDA graphs (graphs.py); None: eager (CPU, MPS, or SDXL_CUDA_GRAPHS=0).
+    # How UNet steps are captured as CUDA graphs (sdxl/graphs.py); None: eager (CPU, MPS, or SDXL_CUDA_GRAPHS=0).
     graph_capture: object = None
     # The pipelines that run a request: one per (mode, go_fast) over a UNet stand-in (graphs.GraphedUNet or
     # stepcache.StepCachedUNet) that shares this model's UNet, built on first use. The pipelines above stay the
@@ -352,8 +352,8 @@ class LoadedModel:
         if not fast and self.graph_capture is None:
             return exact
         if (mode, fast) not in self.runs:
-            from graphs import GraphedUNet, GraphRunner, cuda_graph_pool
-            from stepcache import StepCachedUNet, supports_step_cache
+            from sdxl.graphs import GraphedUNet, GraphRunner, cuda_graph_pool
+            from sdxl.stepcache import StepCachedUNet, supports_step_cache
 
             if fast and not supports_step_cache(exact.unet):
                 raise InputError(f"go_fast: {self.spec.title}'s UNet has no SDXL layout, so step caching cannot "
@@ -379,7 +379,7 @@ class LoadedModel:
         """This model's graphs.GraphRunner (created on first use); None where graphs are off. For stand-ins built
         outside pipeline() (control.ControlledUNet), so that all of a model's graphs go when it leaves."""
         if self.runner is None and self.graph_capture is not None:
-            from graphs import GraphRunner, cuda_graph_pool
+            from sdxl.graphs import GraphRunner, cuda_graph_pool
 
             pool = cuda_graph_pool if self.txt2img.unet.device.type == "cuda" else (lambda: None)
             self.runner = GraphRunner(self.graph_capture, pool)
@@ -397,19 +397,18 @@ class Models:
 
 
 def fast_vae(vae, device: "torch.device"):
-    """The VAE with group norms that use the whole GPU (groupnorm.py) on CUDA; as it is elsewhere."""
+    """The VAE with group norms that use the whole GPU (sdxl/groupnorm.py) on CUDA; as it is elsewhere."""
     if device.type == "cuda":
-        import groupnorm
-
+        from sdxl import groupnorm
         groupnorm.parallelize(vae)
     return vae
 
 
 def graph_capture_for(device: "torch.device"):
-    """CUDA graphs on CUDA devices unless SDXL_CUDA_GRAPHS=0; eager elsewhere (graphs.py)."""
+    """CUDA graphs on CUDA devices unless SDXL_CUDA_GRAPHS=0; eager elsewhere (sdxl/graphs.py)."""
     if device.type != "cuda" or os.environ.get("SDXL_CUDA_GRAPHS", "1").strip() == "0":
         return None
-    from graphs import capture_cuda_graph
+    from sdxl.graphs import capture_cuda_graph
 
     return capture_cuda_graph
 

@@ -903,7 +903,7 @@ def _verify_lora(path: Path, ctx: _Context, *, expected_sha256: str | None = Non
 
 
 def _check_lora_keys(header: dict, ctx: _Context) -> None:
-    from lora import LoraError, check_peft_metadata, detect_foreign_base
+    from sdxl.lora import LoraError, check_peft_metadata, detect_foreign_base
 
     try:  # hostile or broken PEFT metadata (alpha_pattern, lora_alpha) fails every merge: keep it out of the cache
         check_peft_metadata(header.get("__metadata__") or {}, ctx.display)

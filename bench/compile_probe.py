@@ -360,10 +360,9 @@ def whole_dynamic(mode: str | None, sweep_budget_s: float) -> None:
 
 def graphed_regional(mode: str | None, sweep_budget_s: float) -> None:
     """Regional dynamic compile (NCHW, as the predictor keeps it) under a CUDA graph: the step a compiled predictor
-    would get, against the eager graph the predictor ships (graphs.py)."""
-    import graphs
-    import groupnorm
-
+    would get, against the eager graph the predictor ships (sdxl/graphs.py)."""
+    from sdxl import graphs
+    from sdxl import groupnorm
     unet, vae = build()
     x = unet_inputs(2, 1024, 1024)
     flat = graphs.graph_inputs(**x)

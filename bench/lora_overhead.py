@@ -29,9 +29,7 @@ sys.path.insert(0, str(REPO / "test_folder"))
 
 import lora_fixtures as F
 
-import lora
-
-
+from sdxl import lora
 def tiny_weights(explicit: Path | None) -> Path:
     """--weights, else a tiny-weights build in .cache (as the tests make), else build one in a temp dir."""
     if explicit:

@@ -102,8 +102,7 @@ def main() -> None:
     merger._write_layers = write_layers
 
     # The batched (TF32 where exact) result against the per-layer float32 formula, every 10th layer.
-    import lora
-
+    from sdxl import lora
     torch.set_float32_matmul_precision("highest")
     differing, total, worst = 0, 0, 0.0
     with torch.no_grad():

@@ -554,9 +554,8 @@ def run(b: Bench) -> None:
         graphed = model_ours.pipeline("txt2img").unet
         r["diag_ours_graphed_unet_step_ms"] = unet_step_ms(graphed)
         r["diag_ours_vae_decode_ms"] = vae_decode_ms(ours_pipe.vae)
-        try:  # group norms: ours (groupnorm.py) against PyTorch's own, on the same VAE and, as a what-if, the UNet
-            import groupnorm
-
+        try:  # group norms: ours (sdxl/groupnorm.py) against PyTorch's own, on the same VAE and, as a what-if, the UNet
+            from sdxl import groupnorm
             norms = [m for m in ours_pipe.vae.modules() if isinstance(m, groupnorm.ParallelGroupNorm)]
             z = torch.randn(1, 4, args.size // 8, args.size // 8, device=ours_pipe.vae.device, dtype=ours_pipe.vae.dtype)
             with torch.inference_mode():

@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402  (the layout is defined once, in utils.py)
-from control import CONTROLNET_DIR  # noqa: E402
-from preprocess import DEPTH_DIR  # noqa: E402
-from reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
+from sdxl.control import CONTROLNET_DIR  # noqa: E402
+from sdxl.preprocess import DEPTH_DIR  # noqa: E402
+from sdxl.reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.

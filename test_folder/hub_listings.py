@@ -124,7 +124,7 @@ HUB_LISTINGS: dict[str, dict] = {
             "unet/diffusion_pytorch_model.safetensors": None,
         },
     },
-    # The control components (control.py, preprocess.py, reference.py). Facts from docs/components.md, which
+    # The control components (sdxl/control.py, sdxl/preprocess.py, sdxl/reference.py). Facts from docs/components.md, which
     # says where each came from.
     "xinsir/controlnet-union-sdxl-1.0": {
         "commit": "801a4a3fa3d4c936f4feea95b98607bc6726f80c",

@@ -1,12 +1,12 @@
-"""Writers of synthetic LoRA files in every format lora.py accepts (and some it must refuse), for a given pipeline.
+"""Writers of synthetic LoRA files in every format sdxl/lora.py accepts (and some it must refuse), for a given pipeline.
 
 Every writer derives its target layers from the live modules of `pipe` (the tiny SDXL pipeline in tests, but any
 SDXL-shaped pipeline works), draws random factors from a fixed seed with magnitudes large enough to change the
 image, writes a .safetensors file with safetensors only, and returns a `LoraFixture`: the path plus a manifest
 `targets` mapping each layer prefix *as written in the file* to the (component, module name) it must modify.
-Tests compute the expected merged weights from the file's own tensors and that manifest, independently of lora.py.
+Tests compute the expected merged weights from the file's own tensors and that manifest, independently of sdxl/lora.py.
 
-The kohya SGM names are written from an explicit table (the SDXL layout, layers_per_block 2), not from lora.py's
+The kohya SGM names are written from an explicit table (the SDXL layout, layers_per_block 2), not from sdxl/lora.py's
 mapping, so the two check each other.
 
     from lora_fixtures import write_kohya_lora, write_diffusers_lora, write_replicate_tar, ...
@@ -92,7 +92,7 @@ _SGM_UP = {
     **{(b, "attentions", j): f"output_blocks.{3 * b + j}.1" for b in range(2) for j in range(3)},
 }
 _SGM_MID = {("resnets", 0): "middle_block.0", ("attentions", 0): "middle_block.1", ("resnets", 1): "middle_block.2"}
-_SGM_RESNET = UNET_RESNET_NAMES  # the test-side table shared with ldm_checkpoint.py (not lora.py's)
+_SGM_RESNET = UNET_RESNET_NAMES  # the test-side table shared with ldm_checkpoint.py (not sdxl/lora.py's)
 _SGM_TOP = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
@@ -427,7 +427,7 @@ def write_replicate_tar(path: Path, pipe: Any, *, seed: int = 6, n_tokens: int =
 
 
 def write_foreign_lora(path: Path, pipe: Any, kind: str) -> Path:
-    """LoRAs for other bases, which lora.py must refuse: kind in sd15 (lora_te_ prefix), sd15_dims (a kohya
+    """LoRAs for other bases, which sdxl/lora.py must refuse: kind in sd15 (lora_te_ prefix), sd15_dims (a kohya
     attn2.to_k LoRA with 768-wide input on an SDXL layer name), flux, flux_diffusers, sd3, checkpoint."""
     g = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(*s, generator=g)
@@ -471,7 +471,7 @@ def write_foreign_lora(path: Path, pipe: Any, kind: str) -> Path:
 
 
 def write_unsupported_lora(path: Path, pipe: Any, algo: str) -> Path:
-    """Files lora.py must refuse by algorithm: algo in oft, glora, ia3, bundle_emb."""
+    """Files sdxl/lora.py must refuse by algorithm: algo in oft, glora, ia3, bundle_emb."""
     g = torch.Generator().manual_seed(10)
     name = unet_targets(pipe)[0]
     prefix = kohya_prefix("unet", name)
@@ -527,7 +527,7 @@ def write_shape_mismatch_lora(path: Path, pipe: Any) -> Path:
 
 # ----------------------------------------------------------------------------------------------- reference maths
 # An independent statement of each format's arithmetic (float64, from the file's own tensors and the manifest),
-# used by the tests to check lora.py; it shares no code with lora.py.
+# used by the tests to check sdxl/lora.py; it shares no code with sdxl/lora.py.
 
 
 def _file_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,4 +1,4 @@
-"""ControlNet (control.py, preprocess.py) on the tiny model and its tiny union ControlNet: the controlled step
+"""ControlNet (sdxl/control.py, sdxl/preprocess.py) on the tiny model and its tiny union ControlNet: the controlled step
 against stock diffusers' union pipeline, exact "off" settings, the guidance window, CUDA-graph replays (with the
 re-running stand-in capture of test_graphs.py), the map fitting, the preprocessors, errors and metadata."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import control
+from sdxl import control
 import predict
-import preprocess
-import prompts
+from sdxl import preprocess
+from sdxl import prompts
 import utils
 from conftest import predict_inputs
 from test_graphs import rerun_capture, use_graphs
@@ -296,8 +296,7 @@ def test_download_weights_lays_out_the_pinned_controlnet_and_refuses_another_fil
         depth_weights = (tiny_weights / preprocess.DEPTH_DIR / "model.safetensors").read_bytes()
         install_from("depth", tiny_weights / preprocess.DEPTH_DIR)
         # The IP-Adapter: h94's own layout (two folders), kept as it is.
-        import reference
-
+        from sdxl import reference
         ref_source = script.SOURCES["reference"]
         install_from("reference", tiny_weights / reference.REFERENCE_DIR)
         assert sorted(p.relative_to(dest).as_posix() for p in (dest / reference.REFERENCE_DIR).rglob("*.*")) == sorted(
@@ -332,8 +331,7 @@ def fresh_pipes(tiny_weights):
 
 
 def test_reference_modes_match_diffusers_ip_adapter_and_leave_the_unet_as_it_was(tiny_weights, fresh_pipes, embeds):
-    import reference
-
+    from sdxl import reference
     ours, stock = fresh_pipes
     references = reference.References(tiny_weights)
     model = type("Model", (), {"scheduler_config": dict(ours.scheduler.config)})()
@@ -361,8 +359,7 @@ def test_reference_modes_match_diffusers_ip_adapter_and_leave_the_unet_as_it_was
 
 
 def test_reference_inputs_are_checked(tmp_path):
-    import reference
-
+    from sdxl import reference
     good = tmp_path / "ref.png"
     drawn_image().save(good)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
@@ -377,8 +374,7 @@ def test_reference_inputs_are_checked(tmp_path):
 
 
 def test_input_choices_are_the_tables_they_name():
-    import reference
-
+    from sdxl import reference
     assert predict.CONTROL_TYPE_CHOICES == list(control.CONTROL_TYPES)
     assert control.DEFAULT_CONTROL_TYPE in preprocess.BUILT_IN
     assert predict.REFERENCE_MODE_CHOICES == list(reference.REFERENCE_MODES)

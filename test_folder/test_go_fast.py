@@ -1,4 +1,4 @@
-"""go_fast: step caching (stepcache.py) on the tiny model: fewer full UNet evaluations, the same picture, exact mode
+"""go_fast: step caching (sdxl/stepcache.py) on the tiny model: fewer full UNet evaluations, the same picture, exact mode
 untouched, LoRAs and hires fix still applied."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import stepcache
+from sdxl import stepcache
 import utils
 from conftest import predict_inputs
 from lora_fixtures import write_kohya_lora

@@ -1,4 +1,4 @@
-"""CUDA graphs (graphs.py) on the tiny model. There is no GPU here, so the capture is replaced by one that re-runs
+"""CUDA graphs (sdxl/graphs.py) on the tiny model. There is no GPU here, so the capture is replaced by one that re-runs
 the captured function on the graph's static buffers when replayed: everything around a real graph (static inputs
 copied in, outputs copied out, one graph per shape, stale graphs dropped, calls a graph cannot cover left eager)
 runs as on CUDA, and a mistake in it gives a wrong image. That a real graph replays bitwise what eager computes is
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import graphs
-import stepcache
+from sdxl import graphs
+from sdxl import stepcache
 import utils
 from conftest import predict_inputs
 from lora_fixtures import write_kohya_lora

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-import groupnorm
+from sdxl import groupnorm
 import utils
 
 

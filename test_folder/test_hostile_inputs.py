@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import lora
+from sdxl import lora
 import predict
-import prompts
+from sdxl import prompts
 import utils
 from conftest import predict_inputs
-from lora import LoraError, LoraMerger, LoraRequest
-from prompts import PromptError, parse_prompt_attention
+from sdxl.lora import LoraError, LoraMerger, LoraRequest
+from sdxl.prompts import PromptError, parse_prompt_attention
 
 HANG_GUARD_S = 20  # far above the milliseconds these take; only there so that a regression fails instead of hanging
 

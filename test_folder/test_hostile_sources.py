@@ -863,7 +863,7 @@ def _kind_case(case: Case, row_id: str, kind: str, input_name: str, built: dict)
 @pytest.mark.parametrize("kind_input", list(KIND_INPUTS))
 @pytest.mark.parametrize("case", LORA_ROWS)
 def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind_worlds, request, monkeypatch):
-    import embeddings
+    from sdxl import embeddings
     import predict
 
     kind, write, input_name = KIND_INPUTS[kind_input]

@@ -1,4 +1,4 @@
-"""Every LoRA format lora.py accepts merges to exactly W + sum(scale_i * delta_i), computed here independently from
+"""Every LoRA format sdxl/lora.py accepts merges to exactly W + sum(scale_i * delta_i), computed here independently from
 the file's own tensors (lora_fixtures.reference_deltas), and changes the image; foreign files give clear errors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import lora_fixtures as F
 import pytest
 import torch
 
-from lora import (
+from sdxl.lora import (
     EmptyLoraError,
     IncompatibleLoraError,
     LoraError,
@@ -313,7 +313,7 @@ def test_unmatched_keys_and_shape_mismatch_and_empty(env):
 
 def test_diffusers_own_loader_agrees(env, tiny_weights):
     """A second, independent implementation: diffusers' load_lora_weights + fuse_lora (its kohya converter and
-    PEFT) gives the same merged weights as lora.py for a kohya LoCon file and a PEFT file with metadata alpha."""
+    PEFT) gives the same merged weights as sdxl/lora.py for a kohya LoCon file and a PEFT file with metadata alpha."""
     pipe, merger = env["pipe"], env["merger"]
     kohya = F.write_locon_lora(env["dir"] / "oracle_kohya.safetensors", pipe, seed=61)
     peft = F.write_diffusers_lora(env["dir"] / "oracle_peft.safetensors", pipe, seed=62, te=False, lora_alpha=8.0)

@@ -19,8 +19,8 @@ from test_lora_formats import (
     snapshot,
 )
 
-import lora
-from lora import LoraMerger, LoraRequest
+from sdxl import lora
+from sdxl.lora import LoraMerger, LoraRequest
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +171,10 @@ def test_error_leaves_live_loras_untouched(env):
 
 def test_log_line_per_lora_with_counts(env, caplog):
     fx_a, fx_b = env["pool"][0], env["pool"][6]
-    with caplog.at_level(logging.INFO, logger="lora"):
+    with caplog.at_level(logging.INFO, logger="sdxl.lora"):
         env["merger"].apply([request(fx_a, 0.5, "lora_weights (a)"), request(fx_b, 1.0, "extra_lora (b)")])
     try:
-        lines = [r.getMessage() for r in caplog.records if r.name == "lora"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "sdxl.lora"]
         a = next(line for line in lines if line.startswith("LoRA lora_weights (a):"))
         counts = {c: sum(1 for t, _ in fx_a.targets.values() if t == c) for c in ("unet", "te1", "te2")}
         assert counts["unet"] > 0 and counts["te1"] > 0 and counts["te2"] > 0

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import lora
+from sdxl import lora
 from conftest import predict_inputs
 from lora_fixtures import (LoraFixture, write_diffusers_lora, write_kohya_lora, write_lokr_lora,
                            write_replicate_dir)
@@ -113,7 +113,7 @@ def rss() -> int:
 
 
 def test_a_thousand_swaps_restore_the_base_bitwise_and_keep_memory_flat(predictor, soak_loras, caplog):
-    caplog.set_level(logging.WARNING, logger="lora")  # two INFO lines per swap would only fill the capture
+    caplog.set_level(logging.WARNING, logger="sdxl.lora")  # two INFO lines per swap would only fill the capture
     loras, pool = soak_loras
     merger = predictor.mergers["illustrious"]
     pipe = predictor.models.models["illustrious"].txt2img

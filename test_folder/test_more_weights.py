@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save, save_file
 
-import embeddings
+from sdxl import embeddings
 import predict
-import prompts
+from sdxl import prompts
 import utils
-import vae as user_vae
+from sdxl import vae as user_vae
 import weights
 from conftest import predict_inputs
 from ldm_checkpoint import convert_vae
@@ -243,7 +243,7 @@ def test_embeddings_and_replicate_pti_tokens_work_together(predictor, tmp_path):
     pipe, merger = pipe_of(predictor), predictor.mergers["illustrious"]
     fx = F.write_replicate_dir(tmp_path / "rep", pipe, seed=21)
     try:
-        from lora import LoraRequest
+        from sdxl.lora import LoraRequest
 
         merger.apply([LoraRequest("rep", fx.path, 1.0, "rep", embeddings_path=fx.embeddings_path,
                                   token_map=fx.token_map)])
@@ -289,7 +289,7 @@ def test_embedding_errors_name_the_line_and_nothing_stays_applied(predictor, fil
         with pytest.raises(error, match=message):
             image(predictor, embeddings=spec)
         assert pipe.tokenizer is tokenizer
-    caplog.set_level(logging.WARNING, logger="embeddings")
+    caplog.set_level(logging.WARNING, logger="sdxl.embeddings")
     hits = embeddings.VECTORS.hits
     unused, _ = image(predictor, embeddings=url["redTI"])  # redTI never appears: a warning, the same image
     assert np.array_equal(control, unused)

@@ -1,4 +1,4 @@
-"""prompts.py: A1111 prompt syntax, 75-token chunking, weighting and clip skip on the tiny SDXL model."""
+"""sdxl/prompts.py: A1111 prompt syntax, 75-token chunking, weighting and clip skip on the tiny SDXL model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prompts import (
+from sdxl.prompts import (
     MAX_CHUNKS,
     PromptEmbeds,
     PromptError,
@@ -419,7 +419,7 @@ def test_multi_vector_textual_inversion_tokens_expand_like_stock(fresh_pipe):
 
 
 def test_lora_tags_are_not_dropped_and_warned_about(pipe, caplog):
-    with caplog.at_level(logging.WARNING, logger="prompts"):
+    with caplog.at_level(logging.WARNING, logger="sdxl.prompts"):
         e = encode_prompts(pipe, "<lora:foo:0.8> 1girl", "")
     assert "<lora:foo:0.8>" in caplog.text
     assert not torch.equal(e.prompt_embeds, encode_prompts(pipe, "1girl", "").prompt_embeds)

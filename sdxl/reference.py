@@ -112,7 +112,7 @@ class References:
 
         if not (self.root / ADAPTER_SUBFOLDER / ADAPTER_FILE).is_file():
             raise utils.WeightsMissingError(f"IP-Adapter not found in {self.root}: run script/download_weights")
-        from control import legacy_model_hash
+        from sdxl.control import legacy_model_hash
 
         phase = time.perf_counter()
         unet = pipe.unet

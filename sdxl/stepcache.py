@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from graphs import GraphRunner, UNetStandIn, graph_inputs, unet_call, unet_output
+from sdxl.graphs import GraphRunner, UNetStandIn, graph_inputs, unet_call, unet_output
 
 DEFAULT_INTERVAL = 3  # one full UNet evaluation every 3 steps
 

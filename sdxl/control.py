@@ -29,8 +29,7 @@ from typing import Any, Optional
 import torch
 from PIL import Image
 
-import graphs
-
+from sdxl import graphs
 logger = logging.getLogger(__name__)
 
 # --- The baked ControlNet ---------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def check_control(image_path, control_type: str, preprocess: bool, strength: flo
                   size: tuple[int, int]) -> Optional[ControlRequest]:
     """Validate the control inputs; None when there is no control image, or when the control cannot act (strength 0
     or an empty guidance window), which then gives exactly the image without control."""
-    import preprocess as preprocess_module
+    from sdxl import preprocess as preprocess_module
     import utils
 
     if control_type not in CONTROL_TYPES:
