@@ -957,7 +957,8 @@ class Predictor(BasePredictor):
         if request.mode == "inpaint":
             kwargs.update(mask_image=request.mask_image)
         with vae.swapped(model, user_vae), \
-                self.references.attached(model.txt2img, request.reference, request.guidance > 1.0) as extra:
+                self.references.attached(model.txt2img, request.reference, request.guidance > 1.0,
+                                         model.runner) as extra:
             kwargs.update(extra)
             if request.hires_size is None:
                 images = pipe(**kwargs).images

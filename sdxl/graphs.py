@@ -17,14 +17,20 @@ stepcache.StepCachedUNet, which also runs its full and shallow steps through a G
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+# Graphs one model keeps before it drops them all and captures afresh: setup captures ~13 (every 1 MP preset), and
+# each reference strength, hires size and ControlNet mode adds its own. Captures share one memory pool; each graph
+# holds only its static inputs and outputs.
+MAX_GRAPHS = 64
 
 Tensors = dict[str, torch.Tensor]
 # capture(fn, static_inputs, pool) -> (replay, static_outputs): run fn on the static inputs once as a graph, and
@@ -72,7 +78,18 @@ class GraphRunner:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool: Any = None
         self.fingerprint: tuple | None = None
+        # Python numbers a capture bakes in that are not inputs (an IP-Adapter's scales): part of every graph's key.
+        self.variant: tuple = ()
         self.stats = {"captures": 0, "replays": 0, "dropped": 0, "capture_seconds": 0.0}
+
+    @contextlib.contextmanager
+    def variant_of(self, variant: tuple) -> Iterator[None]:
+        """Graphs captured and replayed inside are keyed by `variant` too (and only replayed under the same one)."""
+        before, self.variant = self.variant, variant
+        try:
+            yield
+        finally:
+            self.variant = before
 
     def begin(self, module: torch.nn.Module) -> None:
         """Before a denoising loop: drop every graph if `module`'s weights are no longer where they were captured."""
@@ -91,9 +108,11 @@ class GraphRunner:
 
     def run(self, tag: str, fn: Callable[[Tensors], tuple], inputs: Tensors) -> tuple:
         """fn(inputs) through this shape's graph (captured on first use); the outputs are fresh tensors."""
-        key = (tag, _signature(inputs))
+        key = (tag, self.variant, _signature(inputs))
         graph = self.graphs.get(key)
         if graph is None:
+            if len(self.graphs) >= MAX_GRAPHS:  # every new strength of a reference is a new variant: bounded
+                self.drop()
             graph = self._capture(key, fn, inputs)  # its static inputs hold these inputs already
         else:
             for name, value in inputs.items():
@@ -152,25 +171,35 @@ class UNetStandIn(torch.nn.Module):
 def graph_inputs(sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, timestep_cond=None,
                  cross_attention_kwargs=None, added_cond_kwargs=None, **extra) -> Tensors | None:
     """The UNet call as a flat dict of device tensors, or None for a call a graph does not cover (extra inputs such
-    as ControlNet residuals, attention kwargs, embeddings other than SDXL's text_embeds + time_ids)."""
-    added = added_cond_kwargs or {}
+    as ControlNet residuals, attention kwargs, embeddings other than SDXL's text_embeds + time_ids and IP-Adapter
+    image_embeds)."""
+    added = dict(added_cond_kwargs or {})
+    image_embeds = added.pop("image_embeds", None)
     if extra or timestep_cond is not None or cross_attention_kwargs or set(added) != {"text_embeds", "time_ids"}:
         return None
-    tensors = (sample, encoder_hidden_states, added["text_embeds"], added["time_ids"])
+    if image_embeds is not None and not isinstance(image_embeds, (list, tuple)):
+        return None
+    tensors = (sample, encoder_hidden_states, added["text_embeds"], added["time_ids"], *(image_embeds or ()))
     if not all(isinstance(t, torch.Tensor) and t.device == sample.device for t in tensors):
         return None
     timestep = torch.as_tensor(timestep, device=sample.device)
     if not timestep.is_floating_point():
         # The UNet turns timesteps into float32 first thing: one graph serves integer and float schedulers alike.
         timestep = timestep.float()
-    return dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                text_embeds=added["text_embeds"], time_ids=added["time_ids"])
+    inputs = dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                  text_embeds=added["text_embeds"], time_ids=added["time_ids"])
+    inputs.update({f"image_embeds_{i}": t for i, t in enumerate(image_embeds or ())})
+    return inputs
 
 
 def unet_call(unet: torch.nn.Module, inputs: Tensors, **kwargs):
     """The UNet forward on graph_inputs' dict."""
-    return unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
-                added_cond_kwargs=dict(text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"]), **kwargs)
+    added = dict(text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"])
+    count = sum(1 for name in inputs if name.startswith("image_embeds_"))
+    if count:
+        added["image_embeds"] = [inputs[f"image_embeds_{i}"] for i in range(count)]
+    return unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added,
+                **kwargs)
 
 
 def unet_output(sample: torch.Tensor, return_dict: bool):

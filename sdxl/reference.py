@@ -10,7 +10,9 @@ same image).
 
 Modes (InstantStyle's block choice, through diffusers' `set_ip_adapter_scale`): `full` = every cross-attention
 layer at the strength; `style` = only up_blocks.0's middle attention; `composition` = only down_blocks.2's second.
-Steps with a reference run the UNet eagerly on CUDA (graphs.graph_inputs does not cover image embeddings).
+On CUDA steps with a reference replay CUDA graphs too: the image embeddings are graph inputs, and the scales the
+IP-Adapter processors multiply by (Python numbers, baked into a capture) are the graph runner's variant, so a
+graph captured at one strength or mode is never replayed at another.
 """
 
 from __future__ import annotations
@@ -140,9 +142,11 @@ class References:
         unet.set_attn_processor(processors)
 
     @contextlib.contextmanager
-    def attached(self, pipe, request: Optional[ReferenceRequest], do_cfg: bool) -> Iterator[dict]:
+    def attached(self, pipe, request: Optional[ReferenceRequest], do_cfg: bool,
+                 runner: Optional[Any] = None) -> Iterator[dict]:
         """The pipeline kwargs of the reference (ip_adapter_image_embeds) while the adapter is in pipe's UNet; the
-        UNet's own processors are back afterwards, also on an error. Nothing happens without a reference."""
+        UNet's own processors are back afterwards, also on an error. Nothing happens without a reference. With the
+        model's graphs.GraphRunner, its graphs are keyed by the adapter's scales meanwhile."""
         if request is None:
             yield {}
             return
@@ -159,7 +163,12 @@ class References:
             unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
             unet.set_attn_processor(dict(adapter.processors))
             pipe.set_ip_adapter_scale(mode_scale(request.mode, request.strength))
-            yield {"ip_adapter_image_embeds": [self.embeds(request.image, unet.device, unet.dtype, do_cfg)]}
+            kwargs = {"ip_adapter_image_embeds": [self.embeds(request.image, unet.device, unet.dtype, do_cfg)]}
+            if runner is None:
+                yield kwargs
+            else:
+                with runner.variant_of(("ip-adapter", adapter_scales(adapter.processors))):
+                    yield kwargs
         finally:
             self._detach(unet, own)
 
@@ -173,6 +182,12 @@ class References:
                 return hidden
             negative = self.encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2][None]
         return torch.cat([negative, hidden])
+
+
+def adapter_scales(processors: dict) -> tuple:
+    """The scales the IP-Adapter processors multiply by now (per processor, per adapter; InstantStyle modes give
+    per-layer values)."""
+    return tuple(repr(getattr(p, "scale", None)) for p in processors.values())
 
 
 def infotext(request: ReferenceRequest, title: str) -> str:

@@ -397,3 +397,34 @@ def test_control_with_a_lora_uses_the_merged_unet_and_leaves_it_clean(predictor,
     with_lora = image(lora_weights=f"{file_host.url}/control-lora.safetensors", lora_scale=1.5)
     assert not np.array_equal(with_lora, alone)  # the controlled steps run the LoRA-merged UNet
     assert np.array_equal(image(), alone)  # and the LoRA is out again for the next request
+
+
+def test_reference_steps_replay_cuda_graphs_keyed_by_the_adapter_scales(predictor):
+    """With a reference (alone and with control), every UNet step replays a graph, and a graph captured at one
+    strength or mode is never replayed at another: each gives the eager image bit for bit."""
+    from cog_server import data_uri
+
+    base = dict(prompt="1girl", aspect_ratio="custom", width=256, height=256, num_inference_steps=2,
+                output_format="png", seed=6, reference_image=data_uri(drawn_image((48, 64))))
+    cases = {"full 0.6": {}, "full 0.3": dict(reference_strength=0.3), "style 0.6": dict(reference_mode="style"),
+             "with control": dict(control_image=data_uri(drawn_image((96, 96))), control_preprocess=False)}
+
+    def run(case: dict) -> np.ndarray:
+        (path,) = predictor.predict(**predict_inputs(**{**base, **case}))
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    eager = {name: run(case) for name, case in cases.items()}
+    assert not np.array_equal(eager["full 0.6"], eager["full 0.3"])
+    model = predictor.models.models["illustrious"]
+    use_graphs(predictor, rerun_capture)
+    try:
+        for name, case in cases.items():
+            assert np.array_equal(run(case), eager[name]), name
+        assert all(getattr(twin.unet, "eager_calls", 0) == 0 for twin in model.runs.values())
+        variants = {key[1] for key in model.runner.graphs if key[0] in ("unet", "unet+control")}
+        assert len(variants) == 3 and all(v[0] == "ip-adapter" for v in variants)  # full 0.6 / 0.3, style 0.6
+        replays = model.runner.stats["replays"]
+        assert np.array_equal(run(cases["full 0.3"]), eager["full 0.3"])  # replayed, not captured again
+        assert model.runner.stats["replays"] > replays and model.runner.stats["captures"] == len(model.runner.graphs)
+    finally:
+        use_graphs(predictor, None)
