@@ -16,6 +16,8 @@ Layout (the same as script/download_weights writes for the real weights):
     DIR/safety-checker/      StableDiffusionSafetyChecker with its preprocessor_config.json
     DIR/controlnet-union-promax/  ControlNetUnionModel with the union promax model's 8 control types
     DIR/depth-anything-v2-small/  DepthAnythingForDepthEstimation (DINOv2 backbone) and its DPT image processor
+    DIR/rtdetr-r50vd-coco-o365/  RTDetrForObjectDetection (ResNet backbone) and its image processor: the pose detector
+    DIR/vitpose-base-simple/  VitPoseForPoseEstimation (simple decoder, COCO-17) and its image processor
     DIR/ip-adapter/          h94's layout: sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors (original key names)
                              and models/image_encoder/ (CLIPVisionModelWithProjection)
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import MODEL_DIRS, SAFETY_DIR, VAE_DIR  # noqa: E402  (the layout is defined once, in utils.py)
 from sdxl.control import CONTROLNET_DIR  # noqa: E402
 from sdxl.preprocess import DEPTH_DIR  # noqa: E402
+from sdxl.pose import DETECTOR_DIR, POSE_DIR  # noqa: E402
 from sdxl.reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
@@ -287,6 +290,53 @@ def build_depth(folder: Path, seed: int) -> None:
                       do_pad=False).save_pretrained(folder)
 
 
+COCO_KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                       "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+                       "right_knee", "left_ankle", "right_ankle")
+
+
+def build_pose_detector(folder: Path, seed: int) -> None:
+    """RT-DETR in the real layout: a four-stage ResNet (one basic block each), a one-layer hybrid encoder, a one-layer
+    decoder with 4 queries, and the real processor settings except its size (64 instead of 640 px). The class
+    biases favour "person" (class 0, as in COCO), so the random detector reports people and every openpose path
+    draws something."""
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig
+
+    torch.manual_seed(seed)
+    backbone = RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                  layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    config = RTDetrConfig(backbone_config=backbone, encoder_hidden_dim=16, encoder_in_channels=[16, 16, 16],
+                          encoder_ffn_dim=16, encoder_attention_heads=2, d_model=16, decoder_in_channels=[16, 16, 16],
+                          decoder_ffn_dim=16, decoder_attention_heads=2, decoder_layers=1, num_queries=4,
+                          num_denoising=0, id2label={0: "person", 1: "bicycle"}, label2id={"person": 0, "bicycle": 1})
+    detector = RTDetrForObjectDetection(config)
+    with torch.no_grad():
+        heads = [detector.model.enc_score_head, *detector.model.decoder.class_embed]
+        for head in heads:
+            head.bias.copy_(torch.tensor([4.0, -4.0]))
+    detector.save_pretrained(folder)
+    RTDetrImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+
+
+def build_pose_estimator(folder: Path, seed: int) -> None:
+    """ViTPose "simple" in the real layout: a one-layer ViT backbone on 64x48 crops (the real one: 12 layers,
+    256x192), the simple decoder's 17 COCO heatmaps, and the real processor settings except its size. The heatmap
+    bias lifts every keypoint's confidence above the drawing threshold, so the random estimator's points are drawn."""
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessor
+
+    torch.manual_seed(seed)
+    backbone = VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, mlp_ratio=2, out_indices=[1])
+    config = VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4,
+                           id2label=dict(enumerate(COCO_KEYPOINT_NAMES)),
+                           label2id={name: i for i, name in enumerate(COCO_KEYPOINT_NAMES)})
+    estimator = VitPoseForPoseEstimation(config)
+    with torch.no_grad():
+        estimator.head.conv.bias.add_(1.0)
+    estimator.save_pretrained(folder)
+    VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(folder)
+
+
 def _original_resampler_keys(state: dict) -> dict:
     """diffusers' IPAdapterPlusImageProjection names -> the names of h94's files (what diffusers converts from)."""
     out = {}
@@ -349,6 +399,8 @@ def write_tiny_weights(root: Path) -> Path:
     build_safety_checker(root / SAFETY_DIR, seed=11)
     build_controlnet(root / CONTROLNET_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=13)
     build_depth(root / DEPTH_DIR, seed=17)
+    build_pose_detector(root / DETECTOR_DIR, seed=23)
+    build_pose_estimator(root / POSE_DIR, seed=29)
     build_ip_adapter(root / REFERENCE_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=19)
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root

@@ -65,7 +65,7 @@ class ControlType:
 CONTROL_TYPES: dict[str, ControlType] = {
     "canny": ControlType(3, "canny"),
     "depth": ControlType(1, "depth_anything_v2"),
-    "openpose": ControlType(0, "openpose_full"),
+    "openpose": ControlType(0, "openpose"),  # body only (sdxl/pose.py), as A1111's "openpose" module draws
     "lineart": ControlType(3, "lineart_realistic"),
     "lineart_anime": ControlType(3, "lineart_anime"),
     "softedge": ControlType(2, "softedge_hed"),

@@ -170,6 +170,34 @@ HUB_LISTINGS: dict[str, dict] = {
             "sdxl_models/image_encoder/model.safetensors": None,
         },
     },
+    # The openpose preprocessor's two models (sdxl/pose.py, which says where each pin comes from).
+    "PekingU/rtdetr_r50vd_coco_o365": {
+        "commit": "457857cec8ac28ddede40ecee9eed2beca321af8",
+        "source": "the Hub's tree page at 457857c ('Update Model Card (#4)', 18 commits): .gitattributes 1.52 kB, "
+                  "README.md 9.12 kB, config.json 5.11 kB, model.safetensors 172 MB (no exact byte count in any "
+                  "public record), preprocessor_config.json 841 B.",
+        "files": {
+            ".gitattributes": 1520,
+            "README.md": 9120,
+            "config.json": 5110,
+            "model.safetensors": None,
+            "preprocessor_config.json": 841,
+        },
+    },
+    "usyd-community/vitpose-base-simple": {
+        "commit": "a93ac0c67e0b7e2c55287d21d4c460c8f3c54d45",
+        "source": "the Hub's tree page of main at a93ac0c ('Upload folder using huggingface_hub', 5 commits): "
+                  ".gitattributes 1.52 kB, README.md 11.4 kB, config.json 1.8 kB, model.safetensors 344 MB, "
+                  "preprocessor_config.json 363 B; the weights' exact size as docs/components.md §1.4 gives it "
+                  "(the same sha256 on the HF staff's pre-release copy).",
+        "files": {
+            ".gitattributes": 1520,
+            "README.md": 11400,
+            "config.json": 1800,
+            "model.safetensors": 343673076,
+            "preprocessor_config.json": 363,
+        },
+    },
 }
 
 
