@@ -58,6 +58,7 @@ CONTROLNET_SOURCE: dict[str, Any] = {
 class ControlType:
     mode: int  # the union model's control_mode index (xinsir6/ControlNetPlus README, "ControlMode")
     module: str  # the A1111 ControlNet extension's preprocessor name for what we run (infotext "Module")
+    processor_res: Optional[int] = None  # the short side its map is made at; None: the output size ("Pixel Perfect")
 
 
 # Union promax modes: 0 openpose, 1 depth, 2 thick line (scribble/hed/softedge), 3 thin line (canny/lineart),
@@ -66,9 +67,9 @@ CONTROL_TYPES: dict[str, ControlType] = {
     "canny": ControlType(3, "canny"),
     "depth": ControlType(1, "depth_anything_v2"),
     "openpose": ControlType(0, "openpose_full"),
-    "lineart": ControlType(3, "lineart_realistic"),
-    "lineart_anime": ControlType(3, "lineart_anime"),
-    "softedge": ControlType(2, "softedge_hed"),
+    "lineart": ControlType(3, "lineart_realistic", processor_res=512),  # sdxl/lines.py, at A1111's default res
+    "lineart_anime": ControlType(3, "lineart_anime", processor_res=512),
+    "softedge": ControlType(2, "softedge_hed", processor_res=512),
     "scribble": ControlType(2, "scribble_xdog"),
     "tile": ControlType(6, "tile_resample"),
 }
@@ -339,18 +340,19 @@ def control_step(request: ControlRequest, control_map: Image.Image, size: tuple[
 def infotext(request: ControlRequest, model_title: str, size: tuple[int, int]) -> str:
     """The A1111 ControlNet extension's unit value (written under "ControlNet 0"), fields in its order."""
     module = CONTROL_TYPES[request.type].module if request.preprocess else "none"
+    resolution = CONTROL_TYPES[request.type].processor_res if request.preprocess else None
     fields = {
         "Module": module,
         "Model": model_title,
         "Weight": request.strength,
         "Resize Mode": "Crop and Resize",
         "Low Vram": False,
-        "Processor Res": min(size),  # maps are made at the output size (A1111's "Pixel Perfect")
+        "Processor Res": resolution or min(size),  # by default maps are made at the output size ("Pixel Perfect")
         "Threshold A": 100 if module == "canny" else None,
         "Threshold B": 200 if module == "canny" else None,
         "Guidance Start": request.start,
         "Guidance End": request.end,
-        "Pixel Perfect": True,
+        "Pixel Perfect": resolution is None,
         "Control Mode": "Balanced",
         "Hr Option": "Both",  # the hires fix's second pass is controlled too
         "Save Detected Map": True,

@@ -3,8 +3,9 @@
 Model-free ones are small pure functions of an RGB image: canny (OpenCV's Canny at A1111's default thresholds
 100/200), scribble (an XDoG edge sketch, A1111's "scribble_xdog") and tile (A1111's "tile_resample" at its default
 rate 1: the image itself). depth runs the baked Depth Anything V2 Small through transformers, loaded on first use
-(`Preprocessors`). openpose, lineart, lineart_anime and softedge need their map passed in with
-control_preprocess=false until their models are baked (README, "ControlNet").
+(`Preprocessors`). lineart, lineart_anime and softedge run their baked line networks (sdxl/lines.py), loaded on
+first use too. openpose needs its map passed in with control_preprocess=false until its model is baked (README,
+"ControlNet").
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
+
+from sdxl import lines
 
 CANNY_THRESHOLDS = (100, 200)  # A1111 ControlNet's defaults (infotext "Threshold A: 100, Threshold B: 200")
 XDOG_THRESHOLD = 32  # A1111's scribble_xdog default
@@ -53,7 +56,7 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "scribble": scribble,
     "tile": tile,
 }
-MODEL_PREPROCESSORS = ("depth",)  # run by Preprocessors with a baked model
+MODEL_PREPROCESSORS = ("depth", *lines.LINE_MODELS)  # run by Preprocessors with a baked model
 BUILT_IN = tuple(sorted((*PREPROCESSORS, *MODEL_PREPROCESSORS)))
 
 # --- Depth: Depth Anything V2 Small (transformers' DepthAnythingForDepthEstimation) ------------------------------
@@ -98,6 +101,7 @@ class Preprocessors:
         self.weights_dir = Path(weights_dir)
         self.device, self.dtype = device, dtype
         self._depth: tuple | None = None
+        self.lines = lines.LineDetectors(self.weights_dir, device)  # softedge, lineart, lineart_anime
 
     def map(self, control_type: str, image: Image.Image, preprocess: bool) -> Image.Image:
         """The map for `control_type`; with preprocess false the image already is the map."""
@@ -105,6 +109,8 @@ class Preprocessors:
             return image.convert("RGB")
         if control_type == "depth":
             return depth_map(*self.depth(), image)
+        if control_type in lines.LINE_MODELS:
+            return self.lines.map(control_type, image)
         return control_map(control_type, image, preprocess)
 
     def depth(self) -> tuple:
