@@ -303,25 +303,32 @@ LINE_MODELS: dict[str, LineModel] = {
 
 
 # --- Loading --------------------------------------------------------------------------------------------------------
-def build_network(control_type: str, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The network of `control_type` with exactly the tensors of `state` (names, shapes): anything missing, extra
-    or mis-shaped is a ValueError naming it."""
+def check_layout(control_type: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The network of `control_type` that `state` fits (on the meta device: no memory), built from its shapes;
+    anything missing, extra or mis-shaped is a ValueError naming it. Tensors on the meta device are enough, so
+    script/download_weights --check runs it on a file's header alone."""
     state = strip_data_parallel(state)
+    name = LINE_MODELS[control_type].module
     try:
         with torch.device("meta"):
             net = LINE_MODELS[control_type].network(state)
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"not a {LINE_MODELS[control_type].module} state dict ({type(err).__name__}: {err})") from None
+        raise ValueError(f"not a {name} state dict ({type(err).__name__}: {err})") from None
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if want != got:
         missing = sorted(want.keys() - got.keys())
         extra = sorted(got.keys() - want.keys())
         shapes = sorted(k for k in want.keys() & got.keys() if want[k] != got[k])
-        raise ValueError(f"not a {LINE_MODELS[control_type].module} state dict: missing {missing[:4]}, unexpected "
-                         f"{extra[:4]}, mis-shaped {[(k, got[k], want[k]) for k in shapes[:4]]}")
-    net = net.to_empty(device="cpu")
-    net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        raise ValueError(f"not a {name} state dict: missing {missing[:4]}, unexpected {extra[:4]}, mis-shaped "
+                         f"{[(k, got[k], want[k]) for k in shapes[:4]]}")
+    return net
+
+
+def build_network(control_type: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The network of `control_type` with exactly the tensors of `state` (check_layout), in float32 on the CPU."""
+    net = check_layout(control_type, state).to_empty(device="cpu")
+    net.load_state_dict({k: v.float() for k, v in strip_data_parallel(state).items()}, strict=True)
     return net.eval()
 
 
