@@ -259,8 +259,8 @@ def softedge_lines(net: SoftEdgeHED, pixels: np.ndarray) -> np.ndarray:
         sides = net(_to_tensor(pixels, next(net.parameters()).device))
         sides = [nn.functional.interpolate(s, size=(height, width), mode="bilinear", align_corners=False)
                  for s in sides]
-        edge = torch.sigmoid(torch.cat(sides, 1).mean(1))[0]
-    return _to_uint8(edge.double().cpu().numpy() * 255.0)
+        edge = torch.sigmoid(torch.cat(sides, 1).mean(1).double())[0]  # float64, as A1111's numpy sigmoid
+    return _to_uint8(edge.cpu().numpy() * 255.0)
 
 
 def lineart_lines(net: InformativeDrawings, pixels: np.ndarray) -> np.ndarray:
@@ -344,7 +344,7 @@ def load_network(control_type: str, folder: Path, device: torch.device) -> nn.Mo
                                         f"script/download_weights (or script/tiny_weights.py for tests)")
     try:
         net = build_network(control_type, load_file(str(path)))
-    except ValueError as err:
+    except Exception as err:  # noqa: BLE001 - an unreadable file or another layout: either way, fetch it again
         raise utils.WeightsMissingError(f"{path}: {err}; run script/download_weights --only {control_type} "
                                         "--force") from None
     return net.to(device)

@@ -180,6 +180,9 @@ def test_a_file_of_another_layout_is_refused_naming_it(tmp_path):
     message = str(raised.value)
     assert str(folder / lines.WEIGHTS_FILE) in message and "missing ['model4.1.bias']" in message
     assert "model3.0.weight" in message and "--only lineart --force" in message
+    (folder / lines.WEIGHTS_FILE).write_bytes((folder / lines.WEIGHTS_FILE).read_bytes()[:100])  # cut short
+    with pytest.raises(utils.WeightsMissingError, match="--only lineart --force"):
+        lines.load_network("lineart", folder, torch.device("cpu"))
     with pytest.raises(utils.WeightsMissingError, match="run script/download_weights"):
         lines.load_network("softedge", tmp_path / "nothing-here", torch.device("cpu"))
 
@@ -202,7 +205,7 @@ def test_baked_networks_load_on_first_use_and_give_deterministic_maps(tiny_weigh
         assert control.CONTROL_TYPES[control_type].processor_res == lines.PROCESSOR_RES
 
 
-def test_preprocess_on_is_the_same_image_as_its_map_with_preprocess_off(predictor, tmp_path):
+def test_preprocess_on_through_predict_is_the_image_of_its_map_with_preprocess_off(predictor, tmp_path):
     photo = tmp_path / "drawing.png"
     drawing((256, 256)).save(photo)  # already the output size: crop-and-resize leaves it as it is
     small = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=1, output_format="png",
@@ -212,18 +215,22 @@ def test_preprocess_on_is_the_same_image_as_its_map_with_preprocess_off(predicto
         (out,) = predictor.predict(**predict_inputs(**{**small, **kwargs}))
         return np.asarray(Image.open(out).convert("RGB")), utils.read_parameters(out)
 
+    results = {}
     for control_type in TYPES:
-        on, text = image(control_type=control_type)
+        results[control_type], text = image(control_type=control_type)
         module = control.CONTROL_TYPES[control_type].module
         assert f'ControlNet 0: "Module: {module}, Model: controlnet-union-sdxl-1.0-promax [' in text
         assert "Processor Res: 512," in text and "Pixel Perfect: False," in text
-        detected = tmp_path / f"{control_type}-map.png"
-        predictor.preprocessors.map(control_type, Image.open(photo).convert("RGB"), True).save(detected)
-        off, off_text = image(control_type=control_type, control_image=detected, control_preprocess=False)
-        assert np.array_equal(on, off), control_type  # the preprocessed run is exactly a run on its map
-        assert 'Module: none,' in off_text and "Processor Res: 256," in off_text and "Pixel Perfect: True," in off_text
-        if control_type == "softedge":  # and not a run on the drawing itself
-            assert not np.array_equal(on, image(control_type=control_type, control_preprocess=False)[0])
+    assert not np.array_equal(results["lineart"], results["softedge"])  # each type its own map (and mode)
+    # With preprocessing off and the map itself given, the image is exactly the preprocessed one (a run of the
+    # ControlNet on the map, not on the drawing: test_control.py shows the control changes the image).
+    detected = tmp_path / "map.png"
+    drawn_map = predictor.preprocessors.map("lineart_anime", Image.open(photo).convert("RGB"), True)
+    assert not np.array_equal(np.asarray(drawn_map), np.asarray(Image.open(photo).convert("RGB")))
+    drawn_map.save(detected)
+    off, text = image(control_type="lineart_anime", control_image=detected, control_preprocess=False)
+    assert np.array_equal(off, results["lineart_anime"])
+    assert "Module: none," in text and "Processor Res: 256," in text and "Pixel Perfect: True," in text
 
 
 # --- script/download_weights ----------------------------------------------------------------------------------------
