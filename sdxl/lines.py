@@ -47,8 +47,9 @@ WEIGHTS_FILE = "model.safetensors"  # in each folder; converted from the pinned 
 # The repo card says only "license: other": each file's licence is its origin's:
 #   ControlNetHED.pth: lllyasviel's own re-trained HED, Apache-2.0 (the annotator's header: "an improved version and
 #     model of HED edge detection with Apache License, Version 2.0. Please use this implementation in your products").
-#   sk_model.pth: Informative Drawings (carolineec/informative-drawings, "anime_style" model), MIT, (c) 2022 Caroline
-#     Chan (its LICENSE; the same text ships with lllyasviel's lineart annotator).
+#   sk_model.pth: an Informative Drawings generator (Chan et al. 2022; ControlNet 1.1's README: the lineart model "is
+#     trained on awacke1/Image-to-Line-Drawings", the demo of these generators), MIT, (c) 2022 Caroline Chan
+#     (carolineec/informative-drawings' LICENSE; the same text ships with lllyasviel's lineart annotator).
 #   netG.pth: Anime2Sketch (Mukosame/Anime2Sketch), MIT, (c) 2021 Xiaoyu Xiang: its LICENSE, and its README: "The
 #     repository contains the testing codes and pretrained weights ... This project is released under the MIT
 #     License"; its test script loads the default weights from weights/netG.pth into the same U-Net (3 -> 1, 8 levels,

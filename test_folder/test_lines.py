@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
