@@ -563,14 +563,14 @@ class Predictor(BasePredictor):
         ),
         control_type: str = Input(
             description="What control_image controls: canny edges, depth, openpose, lineart, lineart_anime, "
-            "softedge, scribble or tile (all served by the baked union ControlNet). Built-in preprocessors: canny, "
-            "depth, scribble, tile; for the others pass the map itself with control_preprocess=false.",
+            "softedge, scribble or tile (all served by the baked union ControlNet); each has a built-in "
+            "preprocessor (control_preprocess).",
             choices=CONTROL_TYPE_CHOICES,
             default=control.DEFAULT_CONTROL_TYPE,
         ),
         control_preprocess: bool = Input(
-            description="Extract the control_type map from control_image; false: control_image already is that map "
-            "(e.g. a pose skeleton from another tool).",
+            description="Extract the control_type map from control_image (edges, depth, pose skeleton, line art, "
+            "...); false: control_image already is that map (e.g. a pose skeleton from another tool).",
             default=True,
         ),
         control_strength: float = Input(

@@ -20,6 +20,10 @@ Layout (the same as script/download_weights writes for the real weights):
     DIR/vitpose-base-simple/  VitPoseForPoseEstimation (simple decoder, COCO-17) and its image processor
     DIR/ip-adapter/          h94's layout: sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors (original key names)
                              and models/image_encoder/ (CLIPVisionModelWithProjection)
+    DIR/softedge-hed/, DIR/lineart-informative-drawings/, DIR/lineart-anime2sketch/
+                             model.safetensors of the line preprocessors (sdxl/lines.py), as script/download_weights
+                             converts lllyasviel/Annotators' pickles: the same key names, dtypes and layer counts,
+                             few channels
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from sdxl.control import CONTROLNET_DIR  # noqa: E402
 from sdxl.preprocess import DEPTH_DIR  # noqa: E402
 from sdxl.pose import DETECTOR_DIR, POSE_DIR  # noqa: E402
 from sdxl.reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
+from sdxl import lines  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.
@@ -391,6 +396,31 @@ def build_ip_adapter(root: Path, unet_folder: Path, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / ADAPTER_SUBFOLDER / ADAPTER_FILE))
 
 
+def tiny_line_state(control_type: str, seed: int) -> dict[str, torch.Tensor]:
+    """A line preprocessor's state dict with the key names and layer counts of its Annotators file (HED's five
+    blocks of 2, 2, 3, 3, 3 convolutions; Informative Drawings' 3 residual blocks; Anime2Sketch's 8 U-Net levels, under
+    the DataParallel `module.` prefix its original loader strips), few channels, random weights. HED is stored in
+    float16 as the real file (29.4 MB is 14.7 M parameters at two bytes), the others in float32."""
+    torch.manual_seed(seed)
+    if control_type == "softedge":
+        net, dtype, prefix = lines.SoftEdgeHED(widths=(4, 8, 8, 16, 16)), torch.float16, ""
+        with torch.no_grad():
+            net.norm.copy_(torch.tensor([120.0, 115.0, 105.0]).reshape(1, 3, 1, 1))  # mean-ish RGB, as trained
+    elif control_type == "lineart":
+        net, dtype, prefix = lines.InformativeDrawings(width=4, residual=3), torch.float32, ""
+    else:
+        net, dtype, prefix = lines.Anime2Sketch(width=2, levels=8), torch.float32, "module."
+    return {prefix + key: value.to(dtype).contiguous() for key, value in net.state_dict().items()}
+
+
+def build_line_models(root: Path, seed: int) -> None:
+    for offset, (control_type, model) in enumerate(lines.LINE_MODELS.items()):
+        folder = root / model.source["folder"]
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tiny_line_state(control_type, seed + offset), str(folder / lines.WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+
+
 def write_tiny_weights(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for offset, name in enumerate(MODEL_DIRS.values()):
@@ -402,6 +432,7 @@ def write_tiny_weights(root: Path) -> Path:
     build_pose_detector(root / DETECTOR_DIR, seed=23)
     build_pose_estimator(root / POSE_DIR, seed=29)
     build_ip_adapter(root / REFERENCE_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=19)
+    build_line_models(root, seed=23)
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root
 

@@ -58,6 +58,7 @@ CONTROLNET_SOURCE: dict[str, Any] = {
 class ControlType:
     mode: int  # the union model's control_mode index (xinsir6/ControlNetPlus README, "ControlMode")
     module: str  # the A1111 ControlNet extension's preprocessor name for what we run (infotext "Module")
+    processor_res: Optional[int] = None  # the short side its map is made at; None: the output size ("Pixel Perfect")
 
 
 # Union promax modes: 0 openpose, 1 depth, 2 thick line (scribble/hed/softedge), 3 thin line (canny/lineart),
@@ -66,9 +67,9 @@ CONTROL_TYPES: dict[str, ControlType] = {
     "canny": ControlType(3, "canny"),
     "depth": ControlType(1, "depth_anything_v2"),
     "openpose": ControlType(0, "openpose"),  # body only (sdxl/pose.py), as A1111's "openpose" module draws
-    "lineart": ControlType(3, "lineart_realistic"),
-    "lineart_anime": ControlType(3, "lineart_anime"),
-    "softedge": ControlType(2, "softedge_hed"),
+    "lineart": ControlType(3, "lineart_realistic", processor_res=512),  # sdxl/lines.py, at A1111's default res
+    "lineart_anime": ControlType(3, "lineart_anime", processor_res=512),
+    "softedge": ControlType(2, "softedge_hed", processor_res=512),
     "scribble": ControlType(2, "scribble_xdog"),
     "tile": ControlType(6, "tile_resample"),
 }
@@ -92,7 +93,6 @@ def check_control(image_path, control_type: str, preprocess: bool, strength: flo
                   size: tuple[int, int]) -> Optional[ControlRequest]:
     """Validate the control inputs; None when there is no control image, or when the control cannot act (strength 0
     or an empty guidance window), which then gives exactly the image without control."""
-    from sdxl import preprocess as preprocess_module
     import utils
 
     if control_type not in CONTROL_TYPES:
@@ -104,11 +104,6 @@ def check_control(image_path, control_type: str, preprocess: bool, strength: flo
             raise utils.InputError(f"{name}: expected 0 to 1, got {value}")
     if image_path is None:
         return None
-    if preprocess and control_type not in preprocess_module.BUILT_IN:
-        raise utils.InputError(
-            f"control_preprocess: no built-in {control_type} preprocessor yet (built in: "
-            f"{list(preprocess_module.BUILT_IN)}); pass the {control_type} map itself as control_image with "
-            "control_preprocess=false")
     source = utils.open_image(image_path, "control_image")
     rgb = utils.load_rgb(source, source.size, "control_image")  # decoded (and EXIF-rotated) at its own size
     if strength == 0.0 or end <= start:
@@ -339,18 +334,19 @@ def control_step(request: ControlRequest, control_map: Image.Image, size: tuple[
 def infotext(request: ControlRequest, model_title: str, size: tuple[int, int]) -> str:
     """The A1111 ControlNet extension's unit value (written under "ControlNet 0"), fields in its order."""
     module = CONTROL_TYPES[request.type].module if request.preprocess else "none"
+    resolution = CONTROL_TYPES[request.type].processor_res if request.preprocess else None
     fields = {
         "Module": module,
         "Model": model_title,
         "Weight": request.strength,
         "Resize Mode": "Crop and Resize",
         "Low Vram": False,
-        "Processor Res": min(size),  # maps are made at the output size (A1111's "Pixel Perfect")
+        "Processor Res": resolution or min(size),  # by default maps are made at the output size ("Pixel Perfect")
         "Threshold A": 100 if module == "canny" else None,
         "Threshold B": 200 if module == "canny" else None,
         "Guidance Start": request.start,
         "Guidance End": request.end,
-        "Pixel Perfect": True,
+        "Pixel Perfect": resolution is None,
         "Control Mode": "Balanced",
         "Hr Option": "Both",  # the hires fix's second pass is controlled too
         "Save Detected Map": True,

@@ -4,8 +4,7 @@ Model-free ones are small pure functions of an RGB image: canny (OpenCV's Canny 
 100/200), scribble (an XDoG edge sketch, A1111's "scribble_xdog") and tile (A1111's "tile_resample" at its default
 rate 1: the image itself). depth runs the baked Depth Anything V2 Small through transformers, loaded on first use
 (`Preprocessors`), and so does openpose (RT-DETR people, ViTPose keypoints, an OpenPose skeleton: sdxl/pose.py).
-lineart, lineart_anime and softedge need their map passed in with control_preprocess=false until their models are
-baked (README, "ControlNet").
+lineart, lineart_anime and softedge run their baked line networks (sdxl/lines.py), loaded on first use too.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from sdxl import pose
+from sdxl import lines, pose
 
 CANNY_THRESHOLDS = (100, 200)  # A1111 ControlNet's defaults (infotext "Threshold A: 100, Threshold B: 200")
 XDOG_THRESHOLD = 32  # A1111's scribble_xdog default
@@ -56,7 +55,7 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "scribble": scribble,
     "tile": tile,
 }
-MODEL_PREPROCESSORS = ("depth", "openpose")  # run by Preprocessors with baked models (openpose: sdxl/pose.py)
+MODEL_PREPROCESSORS = ("depth", "openpose", *lines.LINE_MODELS)  # run by Preprocessors with baked models
 BUILT_IN = tuple(sorted((*PREPROCESSORS, *MODEL_PREPROCESSORS)))
 
 # --- Depth: Depth Anything V2 Small (transformers' DepthAnythingForDepthEstimation) ------------------------------
@@ -102,6 +101,7 @@ class Preprocessors:
         self.device, self.dtype = device, dtype
         self._depth: tuple | None = None
         self.pose_estimator: pose.KeypointEstimator | None = None  # sdxl/pose.py's, loaded on first use
+        self.lines = lines.LineDetectors(self.weights_dir, device)  # softedge, lineart, lineart_anime
 
     def map(self, control_type: str, image: Image.Image, preprocess: bool) -> Image.Image:
         """The map for `control_type`; with preprocess false the image already is the map."""
@@ -113,6 +113,8 @@ class Preprocessors:
             if self.pose_estimator is None:
                 self.pose_estimator = pose.PoseEstimator.load(self.weights_dir, self.device, self.dtype)
             return pose.openpose_map(self.pose_estimator, image)
+        if control_type in lines.LINE_MODELS:
+            return self.lines.map(control_type, image)
         return control_map(control_type, image, preprocess)
 
     def depth(self) -> tuple:

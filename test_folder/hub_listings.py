@@ -198,6 +198,30 @@ HUB_LISTINGS: dict[str, dict] = {
             "preprocessor_config.json": 363,
         },
     },
+    # The line preprocessors (sdxl/lines.py).
+    "lllyasviel/Annotators": {
+        "commit": "982e7edaec38759d914a963c48c4726685de7d96",
+        "source": "the Hub's stored commits/main page (head 982e7ed 'Upload clip_g.pth', 2023-08-27; the full hash "
+                  "from public Hub cache snapshot paths) and the stored pages of the upload commits, whose LFS "
+                  "pointers give the sizes: 9cf9fa9 ControlNetHED.pth 29,444,406 B; ffc2f17 sk_model.pth and "
+                  "sk_model2.pth 17,173,511 B each; 850be79 netG.pth 217,631,959 B; b23789d erika.pth 172,789,563 B; "
+                  "9a7d842 ControlNetLama.pth 204,597,536 B; e4b5a66 lama.ckpt 410,046,389 B; a mirror's blob page "
+                  "at 83cbccd: body_pose_model.pth (209,267,595 B in public manifests pinned to 982e7ed). The repo "
+                  "holds many more annotators (depth, segmentation, pose, ...): none is asked for, and only these "
+                  "are listed.",
+        "files": {
+            ".gitattributes": None,
+            "README.md": None,
+            "ControlNetHED.pth": 29444406,
+            "sk_model.pth": 17173511,
+            "sk_model2.pth": 17173511,
+            "netG.pth": 217631959,
+            "erika.pth": 172789563,
+            "body_pose_model.pth": 209267595,
+            "ControlNetLama.pth": 204597536,
+            "lama.ckpt": 410046389,
+        },
+    },
 }
 
 

@@ -205,8 +205,6 @@ def test_bad_control_inputs_are_errors_naming_the_input(tmp_path):
         (dict(control_image=text), "control_image: expected a PNG, JPEG or WebP image"),
         (dict(control_image=huge), "control_image: expected at most"),
         (dict(control_image=good, control_type="pose"), "control_type: expected one of"),
-        (dict(control_image=good, control_type="lineart_anime"),
-         "control_preprocess: no built-in lineart_anime preprocessor"),
         (dict(control_image=good, control_strength=2.5), "control_strength: expected 0 to 2"),
         (dict(control_image=good, control_end=1.5), "control_end: expected 0 to 1"),
         (dict(control_image=good, go_fast=True), "go_fast: step caching does not run with a control_image"),
@@ -378,6 +376,7 @@ def test_input_choices_are_the_tables_they_name():
     from sdxl import reference
     assert predict.CONTROL_TYPE_CHOICES == list(control.CONTROL_TYPES)
     assert control.DEFAULT_CONTROL_TYPE in preprocess.BUILT_IN
+    assert sorted(preprocess.BUILT_IN) == sorted(control.CONTROL_TYPES)  # every control type has its preprocessor
     assert predict.REFERENCE_MODE_CHOICES == list(reference.REFERENCE_MODES)
 
 
