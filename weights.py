@@ -2627,7 +2627,7 @@ CACHE_CLASSES[UpscalerCache.kind] = UpscalerCache
 
 
 def _default_kind_dir(kind: WeightsKind) -> Path:
-    if kind.name in ("embedding", "VAE"):
+    if kind.name in ("embedding", "VAE", "upscaler"):
         # Small, per-request files: a folder inside the LoRA cache's (which deployments already place and size).
         return Path(os.environ.get("LORA_CACHE_DIR") or _default_cache_dir()) / kind.cache_dirs[1]
     if Path("/src/predict.py").exists():  # inside the Cog image

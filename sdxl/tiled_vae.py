@@ -12,12 +12,14 @@ high resolution run in tiles, with three things done so that the tiles do not sh
     down blocks), and tiles overlap and are blended with linear ramps over the overlap.
   * GroupNorm statistics are the whole image's, not the tile's. A GroupNorm normalises with the mean and variance
     of its input over the whole image; a tile's own statistics differ from tile to tile, and that is what makes
-    the tone steps at tile borders of per-tile tiling (diffusers' `enable_tiling`: on the tiny test VAE its output
-    differs from the untiled decode by up to ~0.3 of the [-1, 1] range along tile borders; see
-    test_folder/test_upscale.py). A first pass over the tiles records every GroupNorm's sums over each tile's own
-    core (each pixel counted once); the second pass normalises every tile with those global statistics. The
-    first pass normalises with per-tile statistics, so the recorded statistics of deeper layers are estimates:
-    tiled and untiled agree closely, not bit for bit (the stated tolerance is in test_folder/test_upscale.py).
+    the tone steps at tile borders of per-tile tiling (diffusers' `enable_tiling`: on the tiny test VAE, in 8-latent
+    tiles, its decode is off the untiled one by a mean of 0.25 and up to 3.7 in the [-1, 1] range; this module's by
+    0.017 and 0.30). A first pass over the tiles records every GroupNorm's sums over each tile's own core (each
+    pixel counted once); the second pass normalises every tile with those global statistics. The first pass
+    normalises with per-tile statistics, so the recorded statistics of all but the first tiled GroupNorm are
+    estimates (more recording passes do not converge faster than one layer per pass): tiled and untiled agree
+    closely, not bit for bit. With exact statistics the tiles reproduce the untiled decode to 1e-4
+    (test_folder/test_upscale.py states the tolerances).
 
 When to tile (`should_tile`): above TILE_ABOVE_PIXELS always (on every device, so CPU tests run it and 2x hires of
 1024² is the same image on every GPU), and below that on CUDA only when an estimate of the untiled pass's memory
@@ -224,7 +226,7 @@ def tiled_decode(vae, z: torch.Tensor, *, tile: int = TILE, halo: int = HALO, bl
 
         stats = _Stats()
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        with _whole_image_norms([decoder.up_blocks[GLOBAL_BLOCKS:], decoder.conv_norm_out], stats):
+        with _whole_image_norms([decoder], stats):  # those run in tiles: the last up blocks', conv_norm_out
             image = _run_tiles(tail, features, grid, factor, stats, tile=tile, halo=halo, blend=blend,
                                passes=passes, label="vae decode tiles")
         images.append(image.to(z.dtype))
