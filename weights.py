@@ -1651,7 +1651,7 @@ def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context, *, deadlin
         weights = by_base.get("lora.safetensors") or [m for m in members if safe(m) and m.name.endswith(".safetensors")]
         if len(weights) != 1:
             names = sorted(_short(m.name, 60) for m in members if m.name.endswith(".safetensors"))[:10]
-            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: can't tell which file in the tar is the LoRA",
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: can't tell which file in the tar is the {ctx.kind}",
                        expected="lora.safetensors or a single .safetensors", got=", ".join(names) or "no .safetensors file")
 
         def copy(m: tarfile.TarInfo, name: str, cap: int) -> None:
