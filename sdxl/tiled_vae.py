@@ -8,8 +8,9 @@ high resolution run in tiles, with three things done so that the tiles do not sh
     the encoder's mid block and output convs run at latent resolution (1/64 of the pixels) on the whole image,
     exactly as untiled.
   * Each tile is computed with a margin (HALO latent pixels, 128 image pixels) of real neighbouring content, wider
-    than the receptive field of the tiled layers (about 13 latent pixels for the SDXL VAE's up blocks, 9 for its
-    down blocks), and tiles overlap and are blended with linear ramps over the overlap.
+    than the receptive field of the tiled layers (about 2.5 latent pixels: only the last two up blocks and the
+    first two down blocks run in tiles, the others run on the whole image), and tiles overlap and are blended with
+    linear ramps over the overlap.
   * GroupNorm statistics are the whole image's, not the tile's. A GroupNorm normalises with the mean and variance
     of its input over the whole image; a tile's own statistics differ from tile to tile, and that is what makes
     the tone steps at tile borders of per-tile tiling (diffusers' `enable_tiling`: on the tiny test VAE, in 8-latent
@@ -42,7 +43,11 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 TILE = 96  # latent pixels of a tile's core (768 image pixels)
-HALO = 16  # latent pixels of context around each core
+# Latent pixels of context around each core: far wider than the receptive field of the tiled layers (about 2.5
+# latent pixels), because the first pass normalises each tile with its own statistics, and the more of the
+# image a tile sees the closer they are to the whole image's (on the tiny VAE in 8-pixel tiles: a mean error of
+# 0.017 with 8 pixels of halo, 0.088 with 4). Costs (96 + 2 * 18)² / 96² = 1.9x the tiled layers' work a pass.
+HALO = 16
 PASSES = 1  # statistics-recording passes before the pass that makes the output (see the module docstring)
 # The blocks at 1/8 and 1/4 of the image's resolution run untiled (1 GB at 2048² for SDXL's widest): fewer
 # GroupNorms are left whose statistics must be estimated.
