@@ -27,6 +27,9 @@ from sdxl import preprocess
 from sdxl import prompts
 from sdxl import reference
 from sdxl import stepcache
+from sdxl import tiled_vae
+from sdxl import upscale
+from sdxl.progress import Progress
 import utils
 from sdxl import vae
 import weights
@@ -37,7 +40,7 @@ logger = logging.getLogger("predict")
 ASPECT_RATIO_CHOICES = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"]
 MEGAPIXEL_CHOICES = ["1", "0.25"]
 OUTPUT_FORMAT_CHOICES = ["webp", "jpg", "png"]
-HIRES_UPSCALER_CHOICES = ["latent", "lanczos"]
+HIRES_UPSCALER_CHOICES = ["latent", "lanczos", "esrgan"]
 REFERENCE_MODE_CHOICES = ["full", "style", "composition"]
 CONTROL_TYPE_CHOICES = ["canny", "depth", "openpose", "lineart", "lineart_anime", "softedge", "scribble", "tile"]
 SCHEDULER_CHOICES = [
@@ -104,6 +107,7 @@ class Request:
     vae: Optional[weights.WeightsRef] = None  # a user VAE instead of the model's own
     control: Optional[control.ControlRequest] = None  # a ControlNet unit (sdxl/control.py); None: no control acts
     reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (sdxl/reference.py)
+    upscaler: Optional[weights.WeightsRef] = None  # `upscaler_model`: the hires fix's model upscaler instead of the baked one
 
 
 def check_inputs(
@@ -132,6 +136,7 @@ def check_inputs(
     hires_upscaler: str = "latent",
     hires_strength: float = 0.5,
     hires_steps: Optional[int] = None,
+    upscaler_model: Optional[str] = None,
     embed_metadata: bool = True,
     output_format: str,
     output_quality: int,
@@ -201,6 +206,15 @@ def check_inputs(
     expect(0.0 < hires_strength <= 1.0, f"hires_strength: expected above 0 and at most 1, got {hires_strength}")
     expect(hires_steps is None or 1 <= hires_steps <= 50, f"hires_steps: expected 1 to 50, got {hires_steps}")
     hires_steps = num_inference_steps if hires_steps is None else hires_steps
+    upscaler_ref = None
+    if upscaler_model is not None and upscaler_model.strip():
+        # Never silently unused: the model upscaler is the hires fix's `esrgan` step.
+        expect(hires_scale > 1.0, f"upscaler_model: the model upscaler runs in the hires fix; got hires_scale "
+               f"{hires_scale:g} (off): set hires_scale above 1, or leave upscaler_model blank")
+        expect(hires_upscaler == "esrgan", f"upscaler_model: the model upscaler replaces the baked one of "
+               f"hires_upscaler esrgan; got hires_upscaler {hires_upscaler!r}: set it to esrgan, or leave "
+               "upscaler_model blank")
+        upscaler_ref = weights.parse_ref(upscaler_model.strip(), "upscaler", input_name="upscaler_model")
     if hires_scale > 1.0:
         expect(mask is None, "hires_scale: the hires fix works for text-to-image and img2img, not inpainting; "
                "got a mask")
@@ -291,6 +305,7 @@ def check_inputs(
         vae=user_vae,
         control=control_request,
         reference=reference_request,
+        upscaler=upscaler_ref,
     )
 
 
@@ -371,6 +386,7 @@ class Predictor(BasePredictor):
         self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
         self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too
         self.references = reference.References(weights_dir)  # IP-Adapter, loaded on the first reference request
+        self.upscalers = upscale.Upscalers(weights_dir, device)  # the hires fix's model upscalers, loaded on first use
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -476,7 +492,8 @@ class Predictor(BasePredictor):
         ),
         hires_upscaler: str = Input(
             description="Hires fix upscaler: latent (A1111's Latent, bilinear on the latents; use hires_strength "
-            ">= 0.5) or lanczos (on the decoded image).",
+            ">= 0.5), lanczos (on the decoded image) or esrgan (the decoded image through a 4x model upscaler, "
+            "then Lanczos to the hires size: the baked R-ESRGAN 4x+ Anime6B, or upscaler_model when given).",
             choices=HIRES_UPSCALER_CHOICES,
             default="latent",
         ),
@@ -488,6 +505,13 @@ class Predictor(BasePredictor):
             default=None,
             ge=1,
             le=50,
+        ),
+        upscaler_model: Optional[str] = Input(
+            description="The model upscaler for hires_upscaler esrgan instead of the baked R-ESRGAN 4x+ Anime6B: any "
+            "super-resolution model spandrel loads (ESRGAN, RealESRGAN, SwinIR, HAT, DAT, SPAN, ...) as one "
+            ".safetensors file, in the forms of lora_weights (huggingface.co/..., hf://, civitai.com/models/<id> of "
+            "type Upscaler, a URL, a Replicate model). Pickles (.pth) are refused. Downloaded once, then cached.",
+            default=None,
         ),
         seed: Optional[int] = Input(
             description="Random seed. Leave blank (or -1) for a random one; the seed used is printed in the logs.",
@@ -625,6 +649,7 @@ class Predictor(BasePredictor):
             hires_upscaler=hires_upscaler,
             hires_strength=hires_strength,
             hires_steps=hires_steps,
+            upscaler_model=upscaler_model,
             embed_metadata=embed_metadata,
             output_format=output_format,
             output_quality=output_quality,
@@ -674,11 +699,12 @@ class Predictor(BasePredictor):
             check_lora_total(request, fetched)
             loaded = self.fetch_embeddings(request, tokens)
             user_vae = self.fetch_vae(request, tokens)
+            upscaler = self.fetch_upscaler(request, tokens)
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
-            images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None)
+            images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None, upscaler)
         parameters = (self.parameters(request, seed, fetched, loaded, user_vae[0] if user_vae else None,
-                                      self.unit_parameters(request))
+                                      self.unit_parameters(request), upscaler.title if upscaler else None)
                       if request.embed_metadata else None)
 
         if request.safety_checker:
@@ -713,7 +739,7 @@ class Predictor(BasePredictor):
     def extra_pinning(self, request: Request) -> contextlib.AbstractContextManager:
         """The pinning() scopes of the embedding and VAE caches, for the kinds the request uses."""
         stack = contextlib.ExitStack()
-        for kind, used in (("embedding", request.embeddings), ("VAE", request.vae)):
+        for kind, used in (("embedding", request.embeddings), ("VAE", request.vae), ("upscaler", request.upscaler)):
             if used:
                 stack.enter_context(self.cache(kind).pinning())
         return stack
@@ -752,6 +778,19 @@ class Predictor(BasePredictor):
             logger.info("loaded vae %s in %.2fs (force_upcast=%s)", file.ref.display, time.perf_counter() - phase,
                         loaded.config.force_upcast)
         return file, self.user_vae[1]
+
+    def fetch_upscaler(self, request: Request, tokens: weights.Tokens) -> Optional[upscale.Upscaler]:
+        """The hires fix's model upscaler, fetched and loaded before any GPU work: `upscaler_model` (the last one
+        used stays loaded), else the baked one for hires_upscaler esrgan; None for the other upscalers."""
+        if request.hires_size is None or request.hires_upscaler != "esrgan":
+            return None
+        if request.upscaler is None:
+            return self.upscalers.baked()
+        file = self.cache("upscaler").fetch(request.upscaler, tokens, input_name="upscaler_model")
+        try:
+            return self.upscalers.user(file)
+        except upscale.UpscalerError as err:
+            raise utils.InputError(str(err)) from err
 
     def checkpoint_pinning(self, request: Request) -> contextlib.AbstractContextManager:
         """The checkpoint cache's pinning() scope (creating the cache) when the request names a checkpoint."""
@@ -854,7 +893,7 @@ class Predictor(BasePredictor):
     @staticmethod
     def parameters(request: Request, seed: int, fetched: list[weights.LoraFile],
                    loaded: Optional[list] = None, vae_file: Optional[weights.LoraFile] = None,
-                   extra: Optional[dict[str, str]] = None) -> list[str]:
+                   extra: Optional[dict[str, str]] = None, upscaler_title: Optional[str] = None) -> list[str]:
         """Each image's A1111 infotext (its own seed); built from token-free values only."""
         hashes = utils.lora_hashes([(file.ref.display, file.sha256) for file in fetched])
         ti_hashes = utils.lora_hashes([(emb.name, emb.sha256) for emb in loaded or []])
@@ -872,7 +911,7 @@ class Predictor(BasePredictor):
                 "CFG Rescale phi": request.guidance_rescale or None,
                 "Hires upscale": request.hires_scale if request.hires_size else None,
                 "Hires steps": request.hires_steps if request.hires_size else None,
-                "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[request.hires_upscaler]
+                "Hires upscaler": (upscaler_title or upscale.A1111_NAMES[request.hires_upscaler])
                 if request.hires_size else None,
                 "Lora hashes": hashes or None,
                 "TI hashes": ti_hashes or None,
@@ -922,7 +961,8 @@ class Predictor(BasePredictor):
         pipe = self.models.models[key].txt2img
         return {id(getattr(pipe, name)) for name in ("unet", "text_encoder", "text_encoder_2")}
 
-    def generate(self, request: Request, seed: int, loaded: Optional[list] = None, user_vae=None) -> list:
+    def generate(self, request: Request, seed: int, loaded: Optional[list] = None, user_vae=None,
+                 upscaler: Optional[upscale.Upscaler] = None) -> list:
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
@@ -949,6 +989,7 @@ class Predictor(BasePredictor):
             guidance_scale=request.guidance,
             guidance_rescale=request.guidance_rescale,
             generator=generators,
+            callback_on_step_end=Progress("denoising").step_callback(),
         )
         if request.mode != "img2img":  # img2img takes its size from the (already resized) image
             kwargs.update(width=request.width, height=request.height)
@@ -963,7 +1004,7 @@ class Predictor(BasePredictor):
             if request.hires_size is None:
                 images = pipe(**kwargs).images
             else:
-                images = self.hires_fix(request, model, pipe, kwargs, run)
+                images = self.hires_fix(request, model, pipe, kwargs, run, upscaler)
         width, height = request.hires_size or (request.width, request.height)
         logger.info(
             "generated %d %dx%d images (%s, %s, %d steps) in %.2fs",
@@ -986,19 +1027,27 @@ class Predictor(BasePredictor):
 
     @staticmethod
     def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict,
-                  run: Optional[control.ControlRun] = None) -> list:
-        """A1111's hires fix: first pass, upscale (latents or pixels), then an img2img pass at the final size."""
+                  run: Optional[control.ControlRun] = None, upscaler: Optional[upscale.Upscaler] = None) -> list:
+        """A1111's hires fix: first pass, upscale (latents, or pixels with Lanczos or a model upscaler), then an
+        img2img pass at the final size; its VAE encode and decode run in tiles when the size needs it
+        (sdxl/tiled_vae.py)."""
         phase = time.perf_counter()
         latent = request.hires_upscaler == "latent"
         first = pipe(**kwargs, output_type="latent" if latent else "pil").images
-        if latent:
-            upscaled = utils.upscale_latents(first, request.hires_size)
-        else:
-            upscaled = utils.upscale_images(first, request.hires_size)
         refine = control.pipeline(model, "img2img", request.go_fast, run, request.hires_size)
+        tiled = tiled_vae.should_tile(refine.vae, request.hires_size, refine._execution_device)
+        upscaled = utils.hires_upscale(first, request.hires_upscaler, request.hires_size, upscaler)
+        if tiled and not latent:  # what the pipeline would encode, encoded in tiles
+            upscaled = tiled_vae.encode_images(refine, upscaled, kwargs["generator"])
         refine.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         second = {k: v for k, v in kwargs.items() if k not in ("width", "height", "image", "strength", "mask_image")}
-        second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps)
-        images = refine(**second).images
-        logger.info("hires fix pass to %dx%d in %.2fs", *request.hires_size, time.perf_counter() - phase)
+        second.update(image=upscaled, strength=request.hires_strength, num_inference_steps=request.hires_steps,
+                      callback_on_step_end=Progress("hires pass").step_callback())
+        if tiled:
+            latents = refine(**second, output_type="latent").images
+            images = tiled_vae.decode_latents(refine, latents)
+        else:
+            images = refine(**second).images
+        logger.info("hires fix pass to %dx%d in %.2fs%s", *request.hires_size, time.perf_counter() - phase,
+                    " (tiled VAE)" if tiled else "")
         return images

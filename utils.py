@@ -260,7 +260,7 @@ def make_scheduler(name: str, base_config):
 
 
 # --- Hires fix ----------------------------------------------------------------------------------------------------
-HIRES_UPSCALERS = ("latent", "lanczos")
+HIRES_UPSCALERS = ("latent", "lanczos", "esrgan")
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -281,6 +281,18 @@ def upscale_latents(latents, size: tuple[int, int]):
 
 def upscale_images(images: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
     return [image.resize(size, Image.Resampling.LANCZOS) for image in images]
+
+
+def hires_upscale(first, upscaler: str, size: tuple[int, int], model=None):
+    """The first pass's output brought to the hires size by `upscaler` (a HIRES_UPSCALERS name): latents for
+    "latent", PIL images otherwise; "esrgan" runs `model` (an sdxl.upscale.Upscaler) and then Lanczos."""
+    if upscaler == "latent":
+        return upscale_latents(first, size)
+    if upscaler == "esrgan":
+        from sdxl.upscale import upscale_to
+
+        return upscale_to(model, first, size)
+    return upscale_images(first, size)
 
 
 # --- Device and loading -------------------------------------------------------------------------------------------

@@ -433,7 +433,7 @@ def _query_value(query: str | None, name: str) -> str | None:
 
 def _a(kind: str) -> str:
     """The kind with its article, for messages: "a LoRA", "an embedding", "a VAE"."""
-    return f"{'an' if kind == 'embedding' else 'a'} {kind}"
+    return f"{'an' if kind in ('embedding', 'upscaler') else 'a'} {kind}"
 
 
 def _air_ref(m: re.Match, types: frozenset[str] | set[str] = _AIR_TYPES, kind: str = "LoRA") -> WeightsRef:
@@ -1071,6 +1071,7 @@ class WeightsKind:
     accepts_tar: bool = True  # Replicate trainer outputs, .tar URLs
     accepts_data: bool = True  # data: URLs
     too_large_hint: str = ""
+    any_base_model: bool = False  # not tied to a base model (upscalers: CivitAI says baseModel "Other")
 
 
 def _no_key_check(header: dict, ctx: _Context) -> None:
@@ -1092,6 +1093,26 @@ KINDS: dict[str, WeightsKind] = {k.name: k for k in (
                 ("vae-cache", "vaes"), "VAE_CACHE_MAX_BYTES", 4 * GiB, _check_vae_keys, hf_folder=_hf_vae_folder,
                 accepts_tar=False, accepts_data=False, too_large_hint="An SDXL VAE is about 160 MB (fp16) or 320 MB."),
 )}
+
+
+def _check_upscaler_keys(header: dict, ctx: _Context) -> None:
+    """spandrel must build the file into an RGB super-resolution model (sdxl/upscale.py), before it is cached."""
+    from sdxl.upscale import describe_upscaler
+
+    what = describe_upscaler(header)
+    if what is not None:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an upscaler spandrel can load",
+                   expected="an RGB super-resolution model as .safetensors (ESRGAN, RealESRGAN, SwinIR, HAT, DAT, "
+                   "SPAN, ...)", got=_short(what, 300))
+
+
+# Upscalers (the `upscaler_model` input): ESRGAN-family 4x models are 5-70 MB, transformer ones (HAT-L, DAT) up to
+# about 200 MB; the cap leaves room and keeps out full checkpoints.
+KINDS["upscaler"] = WeightsKind(
+    "upscaler", frozenset({"upscaler"}), "an Upscaler model", frozenset({"upscaler"}), "UPSCALER_MAX_BYTES",
+    512 * MiB, None, 0, "UPSCALER_CACHE_DIR", ("upscaler-cache", "upscalers"), "UPSCALER_CACHE_MAX_BYTES", 4 * GiB,
+    _check_upscaler_keys, any_base_model=True,
+    too_large_hint="ESRGAN-family upscalers are 5-70 MB; transformer ones up to about 200 MB.")
 
 
 # ------------------------------------------------------------------------------------------- HTTP download
@@ -1630,7 +1651,7 @@ def _extract_trainer_tar(tar_path: Path, folder: Path, ctx: _Context, *, deadlin
         weights = by_base.get("lora.safetensors") or [m for m in members if safe(m) and m.name.endswith(".safetensors")]
         if len(weights) != 1:
             names = sorted(_short(m.name, 60) for m in members if m.name.endswith(".safetensors"))[:10]
-            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: can't tell which file in the tar is the LoRA",
+            raise _err(IncompatibleError, ctx.input_name, f"{ctx.display}: can't tell which file in the tar is the {ctx.kind}",
                        expected="lora.safetensors or a single .safetensors", got=", ".join(names) or "no .safetensors file")
 
         def copy(m: tarfile.TarInfo, name: str, cap: int) -> None:
@@ -1970,12 +1991,12 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
     info = _json(session, f"{base}/api/v1/model-versions/{version_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
                  not_found="No such CivitAI model version; copy the link from the model page.")
     vtype = str((info.get("model") or {}).get("type") or "").lower()  # the version API names its model's type too
-    if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE"):
+    if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE", "upscaler"):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
                    expected=KINDS[ctx.kind].civitai_label,
                    got=f"a {(info.get('model') or {}).get('type')} model", hint=f"Pick {_a(ctx.kind)} model.")
     base_model = info.get("baseModel")
-    if not _is_sdxl_family(base_model):
+    if not KINDS[ctx.kind].any_base_model and not _is_sdxl_family(base_model):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} was trained for another base model",
                    expected=f"an SDXL-family {ctx.kind} (SDXL, Illustrious, NoobAI, Pony)", got=f"baseModel {base_model!r}",
                    hint=f"Pick the SDXL/Illustrious version of this {ctx.kind}.")
@@ -2596,8 +2617,17 @@ class VaeCache(LoraCache):
 CACHE_CLASSES: dict[str, type[LoraCache]] = {c.kind: c for c in (LoraCache, CheckpointCache, EmbeddingCache, VaeCache)}
 
 
+class UpscalerCache(LoraCache):
+    """Upscalers (the `upscaler_model` input): single safetensors files, their own folder and cap."""
+
+    kind = "upscaler"
+
+
+CACHE_CLASSES[UpscalerCache.kind] = UpscalerCache
+
+
 def _default_kind_dir(kind: WeightsKind) -> Path:
-    if kind.name in ("embedding", "VAE"):
+    if kind.name in ("embedding", "VAE", "upscaler"):
         # Small, per-request files: a folder inside the LoRA cache's (which deployments already place and size).
         return Path(os.environ.get("LORA_CACHE_DIR") or _default_cache_dir()) / kind.cache_dirs[1]
     if Path("/src/predict.py").exists():  # inside the Cog image

@@ -24,6 +24,7 @@ Layout (the same as script/download_weights writes for the real weights):
                              model.safetensors of the line preprocessors (sdxl/lines.py), as script/download_weights
                              converts lllyasviel/Annotators' pickles: the same key names, dtypes and layer counts,
                              few channels
+    DIR/upscalers/           RealESRGAN_x4plus_anime_6B.safetensors: a tiny RRDBNet 4x in Real-ESRGAN's key names
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from sdxl.preprocess import DEPTH_DIR  # noqa: E402
 from sdxl.pose import DETECTOR_DIR, POSE_DIR  # noqa: E402
 from sdxl.reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
 from sdxl import lines  # noqa: E402
+from sdxl.upscale import ESRGAN_FILE, UPSCALER_DIR  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.
@@ -419,6 +421,34 @@ def build_line_models(root: Path, seed: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tiny_line_state(control_type, seed + offset), str(folder / lines.WEIGHTS_FILE),
                   metadata={"format": "pt"})
+def esrgan_state(seed: int, num_feat: int = 4, num_block: int = 1, grow: int = 32) -> dict[str, torch.Tensor]:
+    """An RRDBNet 4x state dict in the real file's layout: Real-ESRGAN's `params_ema` key names (conv_first,
+    body.<i>.rdb<1-3>.conv<1-5>, conv_body, conv_up1/2, conv_hr, conv_last) as RealESRGAN_x4plus_anime_6B.pth holds
+    them (64 features, 6 blocks, 32 grow channels there). spandrel reads the feature and block counts from the
+    shapes and keys; it builds every RRDBNet with 32 grow channels, so that stays. Weights as Real-ESRGAN
+    initialises them (Kaiming normal, RDB convs scaled by 0.1), float16 as the converted file is float32: spandrel
+    casts either."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, out_ch: int, in_ch: int, scale: float = 1.0) -> None:
+        tensors[f"{name}.weight"] = torch.randn(out_ch, in_ch, 3, 3, generator=gen) * (2 / (in_ch * 9)) ** 0.5 * scale
+        tensors[f"{name}.bias"] = torch.zeros(out_ch)
+
+    conv("conv_first", num_feat, 3)
+    for block in range(num_block):
+        for rdb in (1, 2, 3):
+            for i in range(1, 6):
+                conv(f"body.{block}.rdb{rdb}.conv{i}", num_feat if i == 5 else grow, num_feat + (i - 1) * grow, 0.1)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        conv(name, num_feat, num_feat)
+    conv("conv_last", 3, num_feat)
+    return {k: v.to(torch.float16).contiguous() for k, v in tensors.items()}
+
+
+def build_upscaler(folder: Path, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(esrgan_state(seed), str(folder / ESRGAN_FILE))
 
 
 def write_tiny_weights(root: Path) -> Path:
@@ -433,6 +463,7 @@ def write_tiny_weights(root: Path) -> Path:
     build_pose_estimator(root / POSE_DIR, seed=29)
     build_ip_adapter(root / REFERENCE_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=19)
     build_line_models(root, seed=23)
+    build_upscaler(root / UPSCALER_DIR, seed=29)
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root
 

@@ -787,7 +787,10 @@ KIND_INPUTS = {
     "more_loras": ("LoRA", lambda ref: f"# from a hostile source\n{ref} 0.5", "more_loras line 2"),
     "embeddings": ("embedding", lambda ref: f"\nhostile={ref}", "embeddings line 2"),
     "vae": ("VAE", lambda ref: ref, "vae"),
+    "upscaler_model": ("upscaler", lambda ref: ref, "upscaler_model"),
 }
+# What else a kind's input needs to be fetched at all (upscaler_model is used by the hires fix's esrgan step only).
+KIND_EXTRA_INPUTS = {"upscaler_model": {"hires_scale": 1.25, "hires_upscaler": "esrgan", "hires_strength": 1.0}}
 # Rows about what a LoRA file holds: another kind says instead that the file is not one of its kind.
 _VALUE_ROWS = ("url-nan-lora", "civitai-1e30-lora", "data-inf-alpha")
 _CONTENT_ROWS = ("url-sd15-lora", "hf-flux-lora", "civitai-sd3-lora-labelled-sdxl", "replicate-sd15-in-tar",
@@ -811,7 +814,10 @@ def _kind_bodies(pipe, weights_dir: Path) -> dict[str, tuple[bytes, bytes]]:
     state = convert_vae(load_file(str(vae_dir / "diffusion_pytorch_model.safetensors")),
                         json.loads((vae_dir / "config.json").read_text()))
     other = {**state, "decoder.conv_out.bias": state["decoder.conv_out.bias"] + 0.1}
-    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other))}
+    from test_upscale import compact_upscaler  # a tiny Compact 4x upscaler, which spandrel detects
+
+    upscalers = (st_save(compact_upscaler(seed=8, features=16)), st_save(compact_upscaler(seed=9, features=16)))
+    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other)), "upscaler": upscalers}
 
 
 @pytest.fixture(scope="module")
@@ -851,7 +857,9 @@ def _kind_case(case: Case, row_id: str, kind: str, input_name: str, built: dict)
     if kind != "LoRA" and row_id == "civitai-huge-header":  # an embedding's / VAE's own header is small
         env, says = {"MAX_SAFETENSORS_HEADER": 65536}, (r"got a safetensors header of \d+ bytes", r"at most 65536")
     if kind != "LoRA" and row_id in _CONTENT_ROWS:
-        says = (rf"is not an SDXL {kind}",)
+        says = (rf"is not an SDXL {kind}",) if kind != "upscaler" else (r"is not an upscaler spandrel can load",)
+    if spec.any_base_model and row_id == "civitai-flux-base-model":  # an upscaler has no base model: it is used
+        return dataclasses.replace(case, error=None, input=input_name, says=())
     if kind != "LoRA" and row_id in _VALUE_ROWS:  # the kind's own bound and tensor names
         says = (r"holds unusable weights", r"(NaN or Inf values|values beyond \+-[\d.e+]+) in tensor")
     if kind != "LoRA":
@@ -873,7 +881,7 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
     built = case.build(w, tag)
     expected = _kind_case(case, row_id, kind, input_name, built)
     apply_env(expected.env, w.cache, monkeypatch)
-    inputs = {kind_input: write(next(iter(built.values())))}
+    inputs = {kind_input: write(next(iter(built.values()))), **KIND_EXTRA_INPUTS.get(kind_input, {})}
     before = cache_state(w.cache)
     if expected.error is None:
         if kind_input == "more_loras":
@@ -881,7 +889,7 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
         elif kind_input == "embeddings":
             refs = [x.ref for x in embeddings.parse_embeddings(inputs[kind_input])]
         else:
-            refs = [weights.parse_ref(inputs[kind_input], "VAE", input_name="vae")]
+            refs = [weights.parse_ref(inputs[kind_input], kind, input_name=input_name)]
         file = w.cache.fetch(refs[0], weights.Tokens(), input_name=input_name)
         w.cache.release(refs[0])
         assert file.sha256 == sha256(w.lora)
@@ -899,3 +907,4 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
     assert merger.active == () or case.error is None
     assert model.txt2img.tokenizer is merger._orig_tokenizers[0]
     assert all(p.vae is model.txt2img.vae for p in (model.img2img, model.inpaint))
+    assert kind != "upscaler" or w.predictor.upscalers._user is None  # a refused upscaler is never loaded
