@@ -22,9 +22,9 @@ high resolution run in tiles, with three things done so that the tiles do not sh
     closely, not bit for bit. With exact statistics the tiles reproduce the untiled decode to 1e-4
     (test_folder/test_upscale.py states the tolerances).
 
-When to tile (`should_tile`): above TILE_ABOVE_PIXELS always (on every device, so CPU tests run it and 2x hires of
-1024² is the same image on every GPU), and below that on CUDA only when an estimate of the untiled pass's memory
-exceeds what is free. Run inside torch.inference_mode (the pipelines' own decode runs under no_grad too).
+When to tile (`should_tile`): on CUDA when an estimate of the untiled pass's memory exceeds what is free (so a
+card with room, an H200 at 2048², gets the exact untiled decode), and on every device above VAE_TILE_ABOVE_PIXELS
+when an owner sets it (off by default; tests set it to run the tiles on the CPU). Run inside torch.inference_mode (the pipelines' own decode runs under no_grad too).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PASSES = 1  # statistics-recording passes before the pass that makes the output 
 # The blocks at 1/8 and 1/4 of the image's resolution run untiled (1 GB at 2048² for SDXL's widest): fewer
 # GroupNorms are left whose statistics must be estimated.
 GLOBAL_BLOCKS = 2
-TILE_ABOVE_PIXELS = int(float(os.environ.get("VAE_TILE_ABOVE_PIXELS", 1536 * 1536)))
+TILE_ABOVE_PIXELS = int(float(os.environ.get("VAE_TILE_ABOVE_PIXELS", 0)))  # 0: only when memory is short
 # Peak memory of an untiled decode, per output pixel and per channel of the widest full-resolution block: the
 # decoder's last up block reads a 256-channel tensor at full size (SDXL: block_out_channels (128, 256, 512, 512))
 # while its input, output and the residual are alive; counted generously (x6) so that "fits" means it does.
@@ -60,10 +60,10 @@ DECODE_BYTES_FACTOR = 6
 
 
 def should_tile(vae, size: tuple[int, int], device: torch.device, encode: bool = False) -> bool:
-    """Whether `size` (width, height) is decoded (or encoded) in tiles: above TILE_ABOVE_PIXELS always; on CUDA
-    also when the estimate of one pass does not fit in free memory."""
+    """Whether `size` (width, height) is decoded (or encoded) in tiles: on CUDA when the estimate of one pass does
+    not fit in free memory; anywhere above TILE_ABOVE_PIXELS when that is set."""
     width, height = size
-    if width * height > TILE_ABOVE_PIXELS:
+    if TILE_ABOVE_PIXELS and width * height > TILE_ABOVE_PIXELS:
         return True
     if device.type != "cuda":
         return False

@@ -150,8 +150,12 @@ def test_tiled_vae_equals_untiled_within_tolerance(tiny_vae):
         plain_moments = torch.cat([moments.mean, moments.logvar], 1)
         encoded = (tiled_vae.tiled_encode_moments(tiny_vae, x, tile=8, halo=8) - plain_moments).abs()
         assert encoded.mean() < 0.002 and encoded.max() < 0.01, (encoded.mean(), encoded.max())
-    assert tiled_vae.should_tile(tiny_vae, (2048, 2048), torch.device("cpu"))
-    assert not tiled_vae.should_tile(tiny_vae, (1024, 1024), torch.device("cpu"))
+    # By default only a CUDA pass that would not fit is tiled; an owner's VAE_TILE_ABOVE_PIXELS forces it above a size.
+    assert not tiled_vae.should_tile(tiny_vae, (2048, 2048), torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiled_vae, "TILE_ABOVE_PIXELS", 1536 * 1536)
+        assert tiled_vae.should_tile(tiny_vae, (2048, 2048), torch.device("cpu"))
+        assert not tiled_vae.should_tile(tiny_vae, (1024, 1024), torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------ predict()
