@@ -72,6 +72,7 @@ FACE_DETECTOR_FILE = "face_detect_v1.4_s.onnx"  # the repo's folder name: what t
 HAND_DETECTOR_FILE = "hand_detect_v1.0_s.onnx"
 FACE_DETECTOR_SOURCE: dict[str, Any] = {
     "folder": FACE_DETECTOR_DIR,
+    "label": "face",  # the class the model predicts (its `names` metadata)
     "repo": "deepghs/anime_face_detection",
     "revision": "784dc4c0bb692351ddcdbe6131a050b17d3025d5",
     "licence": "mit (model card)",
@@ -82,6 +83,7 @@ FACE_DETECTOR_SOURCE: dict[str, Any] = {
 }
 HAND_DETECTOR_SOURCE: dict[str, Any] = {
     "folder": HAND_DETECTOR_DIR,
+    "label": "hand",  # the class the model predicts (its `names` metadata)
     "repo": "deepghs/anime_hand_detection",
     "revision": "dba2c5bec15fcee9ac4909b244a84e8783cf46a2",
     "licence": "openrail (model card; the licence text itself is not in the repo)",
@@ -90,13 +92,15 @@ HAND_DETECTOR_SOURCE: dict[str, Any] = {
          "sha256": "408750ad39645fcdc0c5e774aa45a73941b2e785fc5611fb7d3d9790a41899c0", "size": 44_583_229},
     ],
 }
-# unit -> (folder, file, the class name the model must predict)
-DETECTOR_FILES: dict[str, tuple[str, str, str]] = {
-    "face": (FACE_DETECTOR_DIR, FACE_DETECTOR_FILE, "face"),
-    "hands": (HAND_DETECTOR_DIR, HAND_DETECTOR_FILE, "hand"),
-}
+# script/download_weights' component of each unit's detector
 DETECTOR_SOURCES: dict[str, dict[str, Any]] = {"face_detector": FACE_DETECTOR_SOURCE,
                                                "hand_detector": HAND_DETECTOR_SOURCE}
+UNIT_COMPONENTS = {"face": "face_detector", "hands": "hand_detector"}
+# unit -> (folder, file, the class name the model must predict)
+DETECTOR_FILES: dict[str, tuple[str, str, str]] = {
+    unit: (DETECTOR_SOURCES[c]["folder"], DETECTOR_SOURCES[c]["files"][0]["dest"], DETECTOR_SOURCES[c]["label"])
+    for unit, c in UNIT_COMPONENTS.items()
+}
 DETECTOR_MAX_SIDE = 640  # when the model carries no `imgsz` metadata (ultralytics writes it; 640 is its default)
 DETECTOR_ALIGN = 32  # the YOLOv8 strides divide a side that is a multiple of 32
 
@@ -310,7 +314,7 @@ class Detectors:
             if not path.is_file():
                 raise utils.WeightsMissingError(
                     f"detailer: the {unit} detector {path} is missing; run `script/download_weights --only "
-                    f"{'face_detector' if unit == 'face' else 'hand_detector'}` before `cog build` (or "
+                    f"{UNIT_COMPONENTS[unit]}` before `cog build` (or "
                     "`python script/tiny_weights.py DIR` for the tiny test model)")
             phase = time.perf_counter()
             try:
