@@ -276,6 +276,18 @@ def test_a_failing_detector_is_an_error_naming_detailer_and_leaves_the_model_cle
     assert np.array_equal(run(predictor)[0], plain[0])
 
 
+def test_an_unparsable_detailer_prompt_is_refused_before_generation(predictor):
+    calls = []
+    unet = predictor.models.models["illustrious"].txt2img.unet
+    hook = unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="detailer_prompt: brackets nested too deep"):
+            run(predictor, detailer="face", detailer_prompt="(" * 101 + "smile")
+    finally:
+        hook.remove()
+    assert calls == []  # refused by the preflight, before any denoising step
+
+
 def test_missing_or_broken_detector_weights_are_errors_naming_detailer(predictor, tmp_path, monkeypatch):
     empty = detailer.Detectors(tmp_path)
     monkeypatch.setattr(predictor, "detectors", empty)
