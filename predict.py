@@ -259,14 +259,19 @@ def check_inputs(
         prompt = f"{spec.quality_tags}, {prompt}"
     zero_negative = negative_prompt is None and not spec.negative_prompt
     negative_prompt = spec.negative_prompt if negative_prompt is None else negative_prompt
-    # The detailer's prompt is written once per unit (ADetailer prompt, ADetailer prompt 2nd).
-    written_prompt = prompt + "".join(f", {detailer_request.prompt}" for _ in detailer_request.units) \
-        if detailer_request is not None and detailer_request.prompt else prompt
-    if embed_metadata and not utils.infotext_fits(output_format, written_prompt, negative_prompt):
+    if embed_metadata and not utils.infotext_fits(output_format, prompt, negative_prompt):
         raise utils.InputError(
             f"prompt: with output_format {output_format!r} the generation parameters are written to EXIF, which "
             f"holds at most {utils.EXIF_MAX_BYTES:,} bytes, and this prompt and negative_prompt need more; use "
             "output_format png (no limit) or webp, or embed_metadata false")
+    if embed_metadata and detailer_request is not None and detailer_request.prompt is not None:
+        # Written once per detailer unit (ADetailer prompt, ADetailer prompt 2nd), beside the prompts.
+        written = prompt + "".join(f", {detailer_request.prompt}" for _ in detailer_request.units)
+        if not utils.infotext_fits(output_format, written, negative_prompt):
+            raise utils.InputError(
+                f"detailer_prompt: with output_format {output_format!r} the generation parameters are written to "
+                f"EXIF, which holds at most {utils.EXIF_MAX_BYTES:,} bytes, and with this detailer_prompt (written "
+                "once per detailer unit) they need more; use output_format png or webp, or embed_metadata false")
     return Request(
         hires_scale=float(hires_scale),
         hires_size=utils.hires_size(size[0], size[1], hires_scale) if hires_scale > 1.0 else None,
@@ -356,7 +361,7 @@ def check_lora_total(request: Request, fetched: list[weights.LoraFile]) -> None:
                                f"{total / weights.MiB:.0f} MiB from {len(fetched)} LoRAs")
 
 
-def detailer_prompt(request: Request) -> tuple[tuple[str, str], ...]:
+def detailer_prompts(request: Request) -> tuple[tuple[str, str], ...]:
     """(("detailer_prompt", its text),) when the request has its own detailer prompt: checked like the prompts."""
     if request.detailer is None or request.detailer.prompt is None:
         return ()
@@ -775,7 +780,7 @@ class Predictor(BasePredictor):
         # n-vector embeddings lengthen the prompts: they must still fit (prompts.MAX_CHUNKS) before any GPU work.
         with embeddings.applied(pipe, loaded, warn_unused=False) as expand:
             for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt),
-                               *detailer_prompt(request)):
+                               *detailer_prompts(request)):
                 for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
                     prompts.token_spans(tokenizer, expand(text, name), input_name=name)
         logger.info("fetched %d embeddings in %.2fs", len(loaded), time.perf_counter() - phase)
@@ -874,7 +879,7 @@ class Predictor(BasePredictor):
         sample this checkpoint (v-prediction)."""
         model = self.models.models[request.spec.key]
         for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt),
-                           *detailer_prompt(request)):
+                           *detailer_prompts(request)):
             for tokenizer in (model.txt2img.tokenizer, model.txt2img.tokenizer_2):
                 prompts.token_spans(tokenizer, text, input_name=name)
         layers = min(model.txt2img.text_encoder.config.num_hidden_layers,

@@ -303,6 +303,16 @@ def test_missing_or_broken_detector_weights_are_errors_naming_detailer(predictor
     assert empty.loaded == {}
 
 
+def check(**overrides) -> predict.Request:
+    """predict.check_inputs with the other inputs at the server's defaults (no model needed)."""
+    inputs = dict(prompt="1girl", negative_prompt=None, aspect_ratio="1:1", width=None, height=None, megapixels="1",
+                  image=None, mask=None, prompt_strength=0.8, num_outputs=1, num_inference_steps=20, guidance=None,
+                  scheduler="default", clip_skip=2, guidance_rescale=0.0, quality_tags=False, lora_weights=None,
+                  lora_scale=1.0, extra_lora=None, extra_lora_scale=1.0, output_format="png", output_quality=80,
+                  disable_safety_checker=False, use_standard_sdxl=False)
+    return predict.check_inputs(**{**inputs, **overrides})
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(detailer_mode="eyes"), "detailer: expected one of ['off', 'face', 'hands', 'face_and_hands'], got 'eyes'"),
     (dict(detailer_mode="face", detailer_strength=0.01), "detailer_strength: expected 0.05 to 1, got 0.01"),
@@ -311,16 +321,19 @@ def test_missing_or_broken_detector_weights_are_errors_naming_detailer(predictor
     (dict(detailer_mode="hands", detailer_prompt="hands, <lora:fix:1>"), "detailer_prompt: A1111 LoRA tags like "
                                                                          "<lora:fix:1>"),
     (dict(detailer_mode="face", detailer_prompt="x" * 10_001), "detailer_prompt: too long"),
+    # 9 000 emoji are 36 KB of UTF-16: once fits JPEG's EXIF, twice (face and hands units) does not.
+    (dict(detailer_mode="face_and_hands", detailer_prompt="\U0001F642" * 9000, output_format="jpg"),
+     "detailer_prompt: with output_format 'jpg' the generation parameters are written to EXIF"),
 ])
 def test_bad_detailer_inputs_are_refused_before_any_work(overrides, message):
-    base = dict(prompt="1girl", negative_prompt=None, aspect_ratio="1:1", width=None, height=None, megapixels="1",
-                image=None, mask=None, prompt_strength=0.8, num_outputs=1, num_inference_steps=20, guidance=None,
-                scheduler="default", clip_skip=2, guidance_rescale=0.0, quality_tags=False, lora_weights=None,
-                lora_scale=1.0, extra_lora=None, extra_lora_scale=1.0, output_format="png", output_quality=80,
-                disable_safety_checker=False, use_standard_sdxl=False)
     with pytest.raises(ValueError) as info:
-        predict.check_inputs(**{**base, **overrides})
+        check(**overrides)
     assert message in str(info.value)
+
+
+def test_a_long_detailer_prompt_that_fits_the_metadata_is_accepted():
+    request = check(detailer_mode="face", detailer_prompt="\U0001F642" * 9000, output_format="jpg")
+    assert request.detailer == detailer.DetailerRequest(units=("face",), strength=0.4, prompt="\U0001F642" * 9000)
 
 
 # --- Weights and the Cog interface --------------------------------------------------------------------------------
