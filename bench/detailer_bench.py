@@ -10,7 +10,7 @@ Each case is a whole predict() (Illustrious preset: Euler a, 28 steps, CFG 6; th
 time per face is (median with n faces - median without the detailer) / n, for n = 1 and 3 boxes of a full-body
 shot's face size (about 120 px). Detection is not in it (the boxes are injected; the ONNX detectors run on the CPU,
 tens of milliseconds at 640²). Also reported: CUDA graph captures during the timed detailer runs (0 expected: the
-crops are repainted at the 1 MP training sizes that setup captured), peak GPU memory.
+crops are repainted at the 1 MP training sizes, each captured once, in the warm-up), peak GPU memory.
 """
 
 from __future__ import annotations
