@@ -220,10 +220,9 @@ def nms(corners: np.ndarray, scores: np.ndarray, iou: float, classes: Optional[n
     while order.size:
         best, rest = order[0], order[1:]
         kept.append(int(best))
-        width = np.clip(np.minimum(boxes[best, 2], boxes[rest, 2]) - np.maximum(boxes[best, 0], boxes[rest, 0]), 0, None)
-        height = np.clip(np.minimum(boxes[best, 3], boxes[rest, 3]) - np.maximum(boxes[best, 1], boxes[rest, 1]), 0,
-                         None)
-        inter = width * height
+        low = np.maximum(boxes[best, :2], boxes[rest, :2])
+        high = np.minimum(boxes[best, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(high - low, 0, None), axis=1)
         union = areas[best] + areas[rest] - inter
         overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
         order = rest[overlap <= iou]
@@ -338,6 +337,9 @@ def detect(detector: Detector, image: Image.Image, unit: str, index: int) -> lis
 
 
 # --- Masks, crops and blending (pure) -----------------------------------------------------------------------------
+Region = tuple[int, int, int, int]  # x1, y1, x2, y2 in image pixels, x2 and y2 exclusive
+
+
 def box_mask(size: tuple[int, int], box: Box, dilation: int = DILATION) -> np.ndarray:
     """ADetailer's mask of a box: the filled rectangle (corners inclusive, as PIL draws it) dilated by a
     `dilation` x `dilation` rectangle kernel. uint8, 0 or 255, [height, width]."""
@@ -365,7 +367,7 @@ def blur_mask(mask: np.ndarray, blur: int = MASK_BLUR) -> np.ndarray:
     return cv2.GaussianBlur(blurred, (1, kernel), blur)
 
 
-def crop_region(mask: np.ndarray, padding: int = PADDING) -> Optional[tuple[int, int, int, int]]:
+def crop_region(mask: np.ndarray, padding: int = PADDING) -> Optional[Region]:
     """The bounding box (x1, y1, x2, y2; x2, y2 exclusive) of the mask's non-zero pixels plus `padding` on every
     side, clipped to the image; None for an empty mask."""
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
@@ -379,8 +381,8 @@ def crop_region(mask: np.ndarray, padding: int = PADDING) -> Optional[tuple[int,
 def work_size(region_size: tuple[int, int], image_size: tuple[int, int], native: int = 1024) -> tuple[int, int]:
     """The size a crop is repainted at: the SDXL training size (utils.ASPECT_RATIOS) nearest to the crop's aspect
     ratio, at the model's native area `native`² (so that on CUDA the repaints need at most 11 UNet graph shapes,
-    each captured once), or at the image's own area when that is smaller (ADetailer repaints at the image's size); sides are
-    multiples of 32."""
+    each captured once), or at the image's own area when that is smaller (ADetailer repaints at the image's size);
+    sides are multiples of 32."""
     import utils
 
     aspect = math.log(region_size[0] / region_size[1])
@@ -389,7 +391,7 @@ def work_size(region_size: tuple[int, int], image_size: tuple[int, int], native:
     return tuple(max(32, int(round(side * scale / 32)) * 32) for side in base)
 
 
-def fit_region(region: tuple[int, int, int, int], aspect: float, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def fit_region(region: Region, aspect: float, image_size: tuple[int, int]) -> Region:
     """Grow the region's shorter side to `aspect` (width / height) around its centre, shifted back inside the image
     (A1111's expand_crop_region idea): the repaint then sees undistorted pixels. Where the image is too small the
     region stops at its edge."""
@@ -416,14 +418,13 @@ def _grow(start: int, end: int, grow: int, limit: int) -> tuple[int, int]:
     return max(0, start), end
 
 
-def blend(image: Image.Image, repainted: Image.Image, region: tuple[int, int, int, int],
-          mask: np.ndarray) -> Image.Image:
+def blend(image: Image.Image, repainted: Image.Image, region: Region, mask: np.ndarray) -> Image.Image:
     """The repainted crop, scaled back to its region, blended into the image through the (blurred) mask: where the
     mask is 0 the result is the image's pixel, where it is 255 the repaint's."""
     x1, y1, x2, y2 = region
     canvas = image.copy()
     canvas.paste(repainted.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
-    return Image.composite(canvas, image, Image.fromarray(mask, mode="L"))
+    return Image.composite(canvas, image, Image.fromarray(mask))
 
 
 # --- The pass -----------------------------------------------------------------------------------------------------
@@ -464,7 +465,7 @@ def repaint_box(image: Image.Image, box: Box, paint: Paint, seed: int, native: i
     size = work_size((region[2] - region[0], region[3] - region[1]), image.size, native)
     region = fit_region(region, size[0] / size[1], image.size)
     crop = image.crop(region).resize(size, Image.Resampling.LANCZOS)
-    crop_mask = Image.fromarray(mask, mode="L").crop(region).resize(size, Image.Resampling.LANCZOS)
+    crop_mask = Image.fromarray(mask).crop(region).resize(size, Image.Resampling.LANCZOS)
     return blend(image, paint(crop, crop_mask, seed), region, mask)
 
 
