@@ -269,6 +269,21 @@ def test_detailer_with_img2img_hires_lora_and_go_fast(predictor, file_host, monk
     assert "ADetailer model: face_detect_v1.4_s.onnx" in text and "Hires upscale: 1.5" in text
 
 
+def test_the_detailer_prompt_reads_the_requests_embeddings(predictor, monkeypatch):
+    """An embedding of the word "red"'s own vectors, named in detailer_prompt only: the repaint is bitwise the one
+    with the word itself, so the pass encoded its prompt with the request's embeddings."""
+    from test_more_weights import data_url, word_rows
+
+    faces = [Box(60, 60, 140, 140, 0.9)]
+    spec = f"myRed={data_url(word_rows(predictor.models.models['illustrious'].txt2img, 'red'))}"
+    with_word, _ = run(predictor, monkeypatch, {"face": FixedBoxes(faces)}, detailer="face",
+                       detailer_prompt="1girl, red hat")
+    with_ti, text = run(predictor, monkeypatch, {"face": FixedBoxes(faces)}, detailer="face",
+                        detailer_prompt="1girl, myRed hat", embeddings=spec)
+    assert np.array_equal(with_ti, with_word)
+    assert "TI hashes:" in text
+
+
 def test_a_failing_detector_is_an_error_naming_detailer_and_leaves_the_model_clean(predictor, plain, monkeypatch):
     with pytest.raises(detailer.DetailerError, match=r"detailer: the face detector failed on image 1 "
                                                      r"\(RuntimeError: onnxruntime"):
