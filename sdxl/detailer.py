@@ -63,9 +63,10 @@ MODES: dict[str, tuple[str, ...]] = {
 # main is 784dc4c ("Sync README ... 2024-09-24", 14 commits, licence: mit); deepghs/anime_hand_detection's main is
 # dba2c5b ("Update README.md", 16 commits, licence: openrail). No Hub page shows the ONNX files' sha256; the values
 # below are the ones several independent public projects pin for these exact paths (the face file at 784dc4c, the
-# hand file at dba2c5b and at its parent 0c4ab4d), each 44,583,229 bytes; script/download_weights checks both the
-# Hub's LFS record and these pins. Both are YOLOv8s models trained with Ultralytics, exported to ONNX by deepghs:
-# input `images` [1, 3, H, W] (dynamic, RGB in 0-1), output `output0` [1, 4 + classes, anchors].
+# hand file at dba2c5b and at the earlier 0c4ab4d, whose model files dba2c5b keeps), each 44,583,229 bytes;
+# script/download_weights checks both the Hub's LFS record and these pins. Both are YOLOv8s models trained with
+# Ultralytics, exported to ONNX by deepghs: input `images` [1, 3, H, W] (dynamic, RGB in 0-1), output `output0`
+# [1, 4 + classes, anchors], ultralytics' `names` and `imgsz` metadata.
 FACE_DETECTOR_DIR = "anime-face-detector"  # under WEIGHTS_DIR
 HAND_DETECTOR_DIR = "anime-hand-detector"
 FACE_DETECTOR_FILE = "face_detect_v1.4_s.onnx"  # the repo's folder name: what the infotext's "ADetailer model" shows
