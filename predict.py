@@ -21,6 +21,7 @@ import torch
 from cog import BasePredictor, Input, Path, Secret
 
 from sdxl import control
+from sdxl import detailer
 from sdxl import embeddings
 from sdxl import lora
 from sdxl import preprocess
@@ -42,6 +43,7 @@ MEGAPIXEL_CHOICES = ["1", "0.25"]
 OUTPUT_FORMAT_CHOICES = ["webp", "jpg", "png"]
 HIRES_UPSCALER_CHOICES = ["latent", "lanczos", "esrgan"]
 REFERENCE_MODE_CHOICES = ["full", "style", "composition"]
+DETAILER_CHOICES = ["off", "face", "hands", "face_and_hands"]  # sdxl/detailer.py MODES
 CONTROL_TYPE_CHOICES = ["canny", "depth", "openpose", "lineart", "lineart_anime", "softedge", "scribble", "tile"]
 SCHEDULER_CHOICES = [
     "default",
@@ -108,6 +110,7 @@ class Request:
     control: Optional[control.ControlRequest] = None  # a ControlNet unit (sdxl/control.py); None: no control acts
     reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (sdxl/reference.py)
     upscaler: Optional[weights.WeightsRef] = None  # `upscaler_model`: the hires fix's model upscaler instead of the baked one
+    detailer: Optional[detailer.DetailerRequest] = None  # the face/hand detailer (sdxl/detailer.py); None: off
 
 
 def check_inputs(
@@ -156,6 +159,9 @@ def check_inputs(
     reference_image=None,
     reference_strength: float = 0.6,
     reference_mode: str = "full",
+    detailer_mode: str = "off",
+    detailer_strength: float = detailer.DEFAULT_STRENGTH,
+    detailer_prompt: Optional[str] = None,
 ) -> Request:
     """Validate every input (also when called without the server's schema checks) and resolve defaults."""
 
@@ -261,6 +267,8 @@ def check_inputs(
     expect(control_request is None or not go_fast, "go_fast: step caching does not run with a control_image; set "
            "go_fast to false")
 
+    detailer_request = detailer.check_detailer(detailer_mode, detailer_strength, detailer_prompt, num_inference_steps)
+
     if quality_tags and spec.quality_tags:
         prompt = f"{spec.quality_tags}, {prompt}"
     zero_negative = negative_prompt is None and not spec.negative_prompt
@@ -270,6 +278,14 @@ def check_inputs(
             f"prompt: with output_format {output_format!r} the generation parameters are written to EXIF, which "
             f"holds at most {utils.EXIF_MAX_BYTES:,} bytes, and this prompt and negative_prompt need more; use "
             "output_format png (no limit) or webp, or embed_metadata false")
+    if embed_metadata and detailer_request is not None and detailer_request.prompt is not None:
+        # Written once per detailer unit (ADetailer prompt, ADetailer prompt 2nd), beside the prompts.
+        written = prompt + "".join(f", {detailer_request.prompt}" for _ in detailer_request.units)
+        if not utils.infotext_fits(output_format, written, negative_prompt):
+            raise utils.InputError(
+                f"detailer_prompt: with output_format {output_format!r} the generation parameters are written to "
+                f"EXIF, which holds at most {utils.EXIF_MAX_BYTES:,} bytes, and with this detailer_prompt (written "
+                "once per detailer unit) they need more; use output_format png or webp, or embed_metadata false")
     return Request(
         hires_scale=float(hires_scale),
         hires_size=utils.hires_size(size[0], size[1], hires_scale) if hires_scale > 1.0 else None,
@@ -306,6 +322,7 @@ def check_inputs(
         control=control_request,
         reference=reference_request,
         upscaler=upscaler_ref,
+        detailer=detailer_request,
     )
 
 
@@ -359,6 +376,13 @@ def check_lora_total(request: Request, fetched: list[weights.LoraFile]) -> None:
                                f"{total / weights.MiB:.0f} MiB from {len(fetched)} LoRAs")
 
 
+def detailer_prompts(request: Request) -> tuple[tuple[str, str], ...]:
+    """(("detailer_prompt", its text),) when the request has its own detailer prompt: checked like the prompts."""
+    if request.detailer is None or request.detailer.prompt is None:
+        return ()
+    return (("detailer_prompt", detailer.unit_prompt(request.detailer, request.prompt)),)
+
+
 def resolve_seed(seed: Optional[int]) -> int:
     if seed is None or seed == -1:
         return secrets.randbelow(MAX_SEED + 1)
@@ -387,6 +411,7 @@ class Predictor(BasePredictor):
         self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too
         self.references = reference.References(weights_dir)  # IP-Adapter, loaded on the first reference request
         self.upscalers = upscale.Upscalers(weights_dir, device)  # the hires fix's model upscalers, loaded on first use
+        self.detectors = detailer.Detectors(weights_dir)  # face/hand detectors, loaded on the first detailer request
         self.warm_graphs()
 
     def warm_graphs(self) -> None:
@@ -622,6 +647,24 @@ class Predictor(BasePredictor):
             choices=REFERENCE_MODE_CHOICES,
             default="full",
         ),
+        detailer: str = Input(
+            description="Face/hand detailer (A1111's ADetailer): detect each face and/or hand of the finished image "
+            "(anime detectors), repaint it at full resolution with the same model, LoRAs and settings, and blend it "
+            "back. off = the image as it is.",
+            choices=DETAILER_CHOICES,
+            default="off",
+        ),
+        detailer_strength: float = Input(
+            description="Denoising strength of each detailer repaint (ADetailer's default 0.4).",
+            default=0.4,
+            ge=0.05,
+            le=1.0,
+        ),
+        detailer_prompt: Optional[str] = Input(
+            description="Prompt of the detailer repaints (e.g. \"detailed eyes, smile\"); [PROMPT] stands for the "
+            "main prompt. Blank = the main prompt. LoRAs and embeddings of the request apply.",
+            default=None,
+        ),
     ) -> list[Path]:
         started = time.perf_counter()
         request = check_inputs(
@@ -669,6 +712,9 @@ class Predictor(BasePredictor):
             reference_image=reference_image,
             reference_strength=reference_strength,
             reference_mode=reference_mode,
+            detailer_mode=detailer,
+            detailer_strength=detailer_strength,
+            detailer_prompt=detailer_prompt,
         )
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
@@ -677,6 +723,7 @@ class Predictor(BasePredictor):
         tokens = weights.Tokens.from_inputs(hf_api_token, civitai_api_token)
         if request.checkpoint is None:
             self.preflight(request)
+        detectors = self.detector_units(request)  # loaded (or refused) before any download or GPU work
         fetched: list[weights.LoraFile] = []
         # The files stay pinned in their caches until the prediction ends, also when it is cancelled (the pins are
         # released by the caches, not from `fetched`, which a cancellation can reach before the file is kept).
@@ -703,6 +750,7 @@ class Predictor(BasePredictor):
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
             images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None, upscaler)
+            images = self.detail(request, seed, images, detectors, loaded, user_vae[1] if user_vae else None)
         parameters = (self.parameters(request, seed, fetched, loaded, user_vae[0] if user_vae else None,
                                       self.unit_parameters(request), upscaler.title if upscaler else None)
                       if request.embed_metadata else None)
@@ -757,7 +805,8 @@ class Predictor(BasePredictor):
         embeddings.check_fits(pipe, loaded)
         # n-vector embeddings lengthen the prompts: they must still fit (prompts.MAX_CHUNKS) before any GPU work.
         with embeddings.applied(pipe, loaded, warn_unused=False) as expand:
-            for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt),
+                               *detailer_prompts(request)):
                 for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
                     prompts.token_spans(tokenizer, expand(text, name), input_name=name)
         logger.info("fetched %d embeddings in %.2fs", len(loaded), time.perf_counter() - phase)
@@ -868,7 +917,8 @@ class Predictor(BasePredictor):
         (A1111 syntax, at most prompts.MAX_CHUNKS chunks), clip_skip fits the text encoders, the sampler can
         sample this checkpoint (v-prediction)."""
         model = self.models.models[request.spec.key]
-        for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt),
+                           *detailer_prompts(request)):
             for tokenizer in (model.txt2img.tokenizer, model.txt2img.tokenizer_2):
                 prompts.token_spans(tokenizer, text, input_name=name)
         layers = min(model.txt2img.text_encoder.config.num_hidden_layers,
@@ -888,6 +938,8 @@ class Predictor(BasePredictor):
         entries = {f"ControlNet {i}": unit for i, unit in enumerate(units)}
         if request.reference is not None and request.reference.mode != "full":
             entries["IP-Adapter mode"] = request.reference.mode  # InstantStyle blocks: no A1111 field for it
+        if request.detailer is not None:
+            entries.update(detailer.infotext(request.detailer))
         return entries
 
     @staticmethod
@@ -1024,6 +1076,42 @@ class Predictor(BasePredictor):
         logger.info("control map %s (%s) in %.3fs", unit.type, "extracted" if unit.preprocess else "given",
                     time.perf_counter() - phase)
         return control.ControlRun(request=unit, controlnet=controlnet, map=control_map)
+
+    def detector_units(self, request: Request) -> list[tuple[str, detailer.Detector]]:
+        """The detailer's (unit, detector) pairs in the order they run; the detectors load on first use."""
+        if request.detailer is None:
+            return []
+        return [(unit, self.detectors.get(unit)) for unit in request.detailer.units]
+
+    def detail(self, request: Request, seed: int, images: list, units: list[tuple[str, detailer.Detector]],
+               loaded: Optional[list] = None, user_vae=None) -> list:
+        """The face/hand detailer over the finished images (after the hires fix): each detected box repainted by an
+        inpainting pass of the request's model, its LoRAs and embeddings, sampler, steps and guidance. As ADetailer
+        does by default, the pass runs without the request's ControlNet unit and reference image."""
+        if request.detailer is None:
+            return images
+        model = self.models.models[request.spec.key]
+        merger = self.mergers[request.spec.key]
+        with embeddings.applied(model.txt2img, loaded or [], warn_unused=False) as expand:
+            embeds = prompts.encode_prompts(
+                model.txt2img,
+                merger.expand_prompt(expand(detailer.unit_prompt(request.detailer, request.prompt), "detailer_prompt")),
+                merger.expand_prompt(expand(request.negative_prompt, "negative_prompt")),
+                clip_skip=request.clip_skip,
+                zero_empty_negative=request.zero_negative,
+            )
+        painter = detailer.Painter(
+            pipeline=lambda: model.pipeline("inpaint", request.go_fast),
+            scheduler=lambda: utils.make_scheduler(request.scheduler, model.scheduler_config),
+            embeds=embeds.as_pipeline_kwargs(),
+            steps=request.steps,
+            guidance=request.guidance,
+            guidance_rescale=request.guidance_rescale,
+            strength=request.detailer.strength,
+        )
+        native = model.txt2img.unet.config.sample_size * model.txt2img.vae_scale_factor  # 1024 for SDXL
+        with vae.swapped(model, user_vae):
+            return detailer.run(images, seed, units, painter, native)
 
     @staticmethod
     def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict,

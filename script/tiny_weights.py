@@ -25,6 +25,8 @@ Layout (the same as script/download_weights writes for the real weights):
                              converts lllyasviel/Annotators' pickles: the same key names, dtypes and layer counts,
                              few channels
     DIR/upscalers/           RealESRGAN_x4plus_anime_6B.safetensors: a tiny RRDBNet 4x in Real-ESRGAN's key names
+    DIR/anime-face-detector/face_detect_v1.4_s.onnx, DIR/anime-hand-detector/hand_detect_v1.0_s.onnx
+                             ONNX stand-ins with the YOLOv8 detectors' signature that "detect" fixed boxes
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from sdxl.pose import DETECTOR_DIR, POSE_DIR  # noqa: E402
 from sdxl.reference import ADAPTER_FILE, ADAPTER_SUBFOLDER, ENCODER_FOLDER, REFERENCE_DIR  # noqa: E402
 from sdxl import lines  # noqa: E402
 from sdxl.upscale import ESRGAN_FILE, UPSCALER_DIR  # noqa: E402
+from sdxl.detailer import DETECTOR_FILES  # noqa: E402
 
 # A small word list so that typical test prompts tokenise into whole words; anything else falls back to
 # single characters, exactly as CLIP's byte-level BPE does with an unknown word.
@@ -451,6 +454,55 @@ def build_upscaler(folder: Path, seed: int) -> None:
     save_file(esrgan_state(seed), str(folder / ESRGAN_FILE))
 
 
+# What the detector stand-ins find in any image: (cx, cy, w, h) as fractions of the detector's input, and a score.
+# Per detector one box above ADetailer's confidence 0.3, a weaker duplicate of it that NMS removes (IoU > 0.7) and one
+# box below the confidence; the face sits in the upper middle, the hand lower right.
+TINY_DETECTIONS: dict[str, tuple[tuple[float, float, float, float, float], ...]] = {
+    "face": ((0.5, 0.35, 0.25, 0.25, 0.9), (0.51, 0.36, 0.25, 0.25, 0.8), (0.15, 0.85, 0.1, 0.1, 0.1)),
+    "hands": ((0.75, 0.75, 0.15, 0.15, 0.85), (0.76, 0.75, 0.15, 0.15, 0.6), (0.1, 0.1, 0.1, 0.1, 0.2)),
+}
+
+
+def build_detector(path: Path, label: str, detections) -> None:
+    """An ONNX model with the signature of deepghs' YOLOv8 exports (input `images` [1, 3, H, W] with H and W
+    dynamic, output `output0` [1, 4 + 1 class, anchors] in input pixels, ultralytics' `names` and `imgsz` metadata),
+    written with the onnx helper API: its boxes are fractions of the input's size, so they land on the same part of
+    any image."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.array(detections, dtype=np.float32).T  # [5, anchors]
+    constants = {
+        "fractions": table[:4],  # cx, cy, w, h
+        "scores": table[4:],
+        "size_index": np.array([3, 2, 3, 2], dtype=np.int64),  # W, H, W, H of the input's shape
+        "axis_1": np.array([1], dtype=np.int64),
+        "axis_0": np.array([0], dtype=np.int64),
+    }
+    nodes = [
+        helper.make_node("Shape", ["images"], ["shape"]),
+        helper.make_node("Gather", ["shape", "size_index"], ["sizes"], axis=0),
+        helper.make_node("Cast", ["sizes"], ["sizes_float"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["sizes_float", "axis_1"], ["scale"]),
+        helper.make_node("Mul", ["fractions", "scale"], ["boxes"]),
+        helper.make_node("Concat", ["boxes", "scores"], ["rows"], axis=0),
+        helper.make_node("Unsqueeze", ["rows", "axis_0"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_yolov8_detector",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 5, "anchors"])],
+        initializer=[numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny_weights.py")
+    model.ir_version = 8  # what onnxruntime reads since 1.10
+    helper.set_model_props(model, {"names": repr({0: label}), "imgsz": "[640, 640]", "stride": "32", "task": "detect"})
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
 def write_tiny_weights(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for offset, name in enumerate(MODEL_DIRS.values()):
@@ -464,6 +516,8 @@ def write_tiny_weights(root: Path) -> Path:
     build_ip_adapter(root / REFERENCE_DIR, root / MODEL_DIRS["illustrious"] / "unet", seed=19)
     build_line_models(root, seed=23)
     build_upscaler(root / UPSCALER_DIR, seed=29)
+    for unit, (folder, file, label) in DETECTOR_FILES.items():
+        build_detector(root / folder / file, label, TINY_DETECTIONS[unit])
     (root / "TINY").write_text("random tiny SDXL-architecture weights written by script/tiny_weights.py\n")
     return root
 

@@ -222,6 +222,78 @@ HUB_LISTINGS: dict[str, dict] = {
             "lama.ckpt": 410046389,
         },
     },
+    # The detailer's detectors (sdxl/detailer.py). Each repo holds one folder per model version with the same files;
+    # only the pinned version's folder is listed in full, the others by their model.onnx.
+    "deepghs/anime_face_detection": {
+        "commit": "784dc4c0bb692351ddcdbe6131a050b17d3025d5",
+        "source": "the Hub's tree page of main at 784dc4c ('Sync README ... 2024-09-24', 14 commits, licence mit: "
+                  "folders face_detect_v0_n/_s, v1_n/_s, v1.1_n/_s, v1.2_s, v1.3_n/_s, v1.4_n/_s, .gitattributes "
+                  "1.48 kB, README.md) and the tree pages of its version folders (F1/PR/P/R curves, "
+                  "confusion_matrix.png, labels.json 14 B, model.onnx 44.6 MB for _s and 12.1 MB for _n, model.pt, "
+                  "results.csv, results.png, threshold.json 48 B). face_detect_v1.4_s's own tree page was not among "
+                  "the stored pages: its files are listed as face_detect_v1.4_n's page lists them (its PR_curve.png "
+                  "blob page, 85.6 kB, was stored); its model.onnx is 44,583,229 B as public download manifests "
+                  "pinned to 784dc4c record it.",
+        "files": {
+            ".gitattributes": 1480,
+            "README.md": None,
+            "face_detect_v1.4_s/F1_curve.png": None,
+            "face_detect_v1.4_s/PR_curve.png": 85600,
+            "face_detect_v1.4_s/P_curve.png": None,
+            "face_detect_v1.4_s/R_curve.png": None,
+            "face_detect_v1.4_s/confusion_matrix.png": None,
+            "face_detect_v1.4_s/labels.json": 14,
+            "face_detect_v1.4_s/model.onnx": 44583229,
+            "face_detect_v1.4_s/model.pt": None,
+            "face_detect_v1.4_s/results.csv": None,
+            "face_detect_v1.4_s/results.png": None,
+            "face_detect_v1.4_s/threshold.json": 48,
+            "face_detect_v1.4_n/model.onnx": 12100000,
+            "face_detect_v1.3_s/model.onnx": 44600000,
+            "face_detect_v1.3_n/model.onnx": 12100000,
+            "face_detect_v1.2_s/model.onnx": 44600000,
+            "face_detect_v1.1_s/model.onnx": None,
+            "face_detect_v1.1_n/model.onnx": None,
+            "face_detect_v1_s/model.onnx": 44600000,
+            "face_detect_v1_n/model.onnx": 12100000,
+            "face_detect_v0_s/model.onnx": None,
+            "face_detect_v0_n/model.onnx": 12100000,
+        },
+    },
+    "deepghs/anime_hand_detection": {
+        "commit": "dba2c5bec15fcee9ac4909b244a84e8783cf46a2",
+        "source": "the Hub's tree page of main at dba2c5b ('Update README.md', 16 commits, licence openrail: folders "
+                  "hand_detect_v0.1_n/_s, v0.2_s ... v0.8_s, v1.0_n/_s, .gitattributes 1.52 kB) and the tree and "
+                  "blob pages of its version folders (F1/PR/P/R curves, confusion_matrix.png, labels.json 14 B, "
+                  "model.onnx 44.6 MB for _s and 12.1 MB for _n, model.pt, results.csv, results.png 228 kB for "
+                  "v1.0_s, threshold.json 48 B); model.onnx of hand_detect_v1.0_s: 44,583,229 B as public download "
+                  "manifests pinned to dba2c5b record it.",
+        "files": {
+            ".gitattributes": 1520,
+            "README.md": None,
+            "hand_detect_v1.0_s/F1_curve.png": None,
+            "hand_detect_v1.0_s/PR_curve.png": None,
+            "hand_detect_v1.0_s/P_curve.png": None,
+            "hand_detect_v1.0_s/R_curve.png": None,
+            "hand_detect_v1.0_s/confusion_matrix.png": None,
+            "hand_detect_v1.0_s/labels.json": 14,
+            "hand_detect_v1.0_s/model.onnx": 44583229,
+            "hand_detect_v1.0_s/model.pt": None,
+            "hand_detect_v1.0_s/results.csv": None,
+            "hand_detect_v1.0_s/results.png": 228000,
+            "hand_detect_v1.0_s/threshold.json": 48,
+            "hand_detect_v1.0_n/model.onnx": 12100000,
+            "hand_detect_v0.8_s/model.onnx": None,
+            "hand_detect_v0.7_s/model.onnx": None,
+            "hand_detect_v0.6_s/model.onnx": 44600000,
+            "hand_detect_v0.5_s/model.onnx": None,
+            "hand_detect_v0.4_s/model.onnx": None,
+            "hand_detect_v0.3_s/model.onnx": None,
+            "hand_detect_v0.2_s/model.onnx": None,
+            "hand_detect_v0.1_s/model.onnx": 44600000,
+            "hand_detect_v0.1_n/model.onnx": 12100000,
+        },
+    },
 }
 
 
