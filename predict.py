@@ -371,10 +371,10 @@ class Predictor(BasePredictor):
         self.lora_cache = weights.LoraCache.from_env()
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
-        # Embedding and VAE caches (in the LoRA cache's folder unless set apart); the user VAE last used stays
-        # loaded, keyed by its file.
+        # Embedding, VAE and ControlNet caches (in the LoRA cache's folder unless set apart); the user VAE last used
+        # stays loaded, keyed by its file (user ControlNets: self.controlnets).
         self.caches: dict[str, weights.LoraCache] = {kind: weights.CACHE_CLASSES[kind].from_env()
-                                                     for kind in ("embedding", "VAE")}
+                                                     for kind in ("embedding", "VAE", "ControlNet")}
         self.user_vae: Optional[tuple[str, object]] = None
         self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
         self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too

@@ -399,7 +399,9 @@ def load_user_controlnet(file, key: str, unet_config: Any, union_defaults: dict,
         raise _input_error(display, f"does not load as an SDXL ControlNet (expected the weights of a {cls.__name__}; "
                                     f"got {len(missing or left)} missing, e.g. {(missing or left or [''])[0]!r}, and "
                                     f"{len(unexpected)} unexpected, e.g. {(unexpected or [''])[0]!r})")
-    model.eval().requires_grad_(False)
+    # eval() only: requires_grad stays as from_pretrained leaves it, since it steers PyTorch's choice of matmul
+    # kernels (seen on CPU: a linear layer on a strided input), so the same weights compute the same bits.
+    model.eval()
     label = "user-" + hashlib.sha256(key.encode()).hexdigest()[:12]
     return UserControlNet(key=key, model=model, title=controlnet_title(file), label=label)
 
