@@ -777,9 +777,10 @@ def _server_row(case: Case, inputs: dict, world: World, server_control: list) ->
 
 
 # ------------------------------------------------------------------------------- the same table, new inputs
-# Every row whose source is a LoRA reference runs again for `more_loras`, `embeddings` and `vae`: the download path
-# is one for every kind of file (weights.KINDS), so each kind must meet each hostile source the same way. The good
-# file of the row is the kind's own (an embedding, a VAE); a failing row fails at the fetch, before any GPU work,
+# Every row whose source is a LoRA reference runs again for `more_loras`, `embeddings`, `vae` and `control_model`:
+# the download path is one for every kind of file (weights.KINDS), so each kind must meet each hostile source the
+# same way. The good file of the row is the kind's own (an embedding, a VAE, a ControlNet); a failing row fails at
+# the fetch, before any GPU work,
 # and a recovering row is fetched without generating, so no row makes an image (the model state is checked by
 # identity instead: no LoRA merged, the tokenizers and the VAE the model's own).
 KIND_INPUTS = {
@@ -787,7 +788,10 @@ KIND_INPUTS = {
     "more_loras": ("LoRA", lambda ref: f"# from a hostile source\n{ref} 0.5", "more_loras line 2"),
     "embeddings": ("embedding", lambda ref: f"\nhostile={ref}", "embeddings line 2"),
     "vae": ("VAE", lambda ref: ref, "vae"),
+    "control_model": ("ControlNet", lambda ref: ref, "control_model"),
 }
+# What else an input needs to be fetched at all (a ControlNet only acts with a control image).
+KIND_NEEDS = {"control_model": lambda w: {"control_image": w.image_data, "control_preprocess": False}}
 # Rows about what a LoRA file holds: another kind says instead that the file is not one of its kind.
 _VALUE_ROWS = ("url-nan-lora", "civitai-1e30-lora", "data-inf-alpha")
 _CONTENT_ROWS = ("url-sd15-lora", "hf-flux-lora", "civitai-sd3-lora-labelled-sdxl", "replicate-sd15-in-tar",
@@ -796,10 +800,14 @@ LORA_ROWS = [p for p in CASES if p.values[0].input in ("lora_weights", "extra_lo
              and p.id != "url-disk-fills-mid-download"]  # that one runs a LoraCache in a child process
 
 
-def _kind_bodies(pipe, weights_dir: Path) -> dict[str, tuple[bytes, bytes]]:
-    """(good, other good) bodies per kind: embeddings of the tiny encoders' widths, the tiny VAE in A1111 layout."""
+def _kind_bodies(pipe, weights_dir: Path, folder: Path) -> dict[str, tuple[bytes, bytes]]:
+    """(good, other good) bodies per kind: embeddings of the tiny encoders' widths, the tiny VAE in A1111 layout, a
+    tiny plain ControlNet in fp16 (under the module's 1 MiB cap) with two seeds."""
     import torch
     from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "script"))
+    import tiny_weights
 
     from ldm_checkpoint import convert_vae
 
@@ -811,7 +819,13 @@ def _kind_bodies(pipe, weights_dir: Path) -> dict[str, tuple[bytes, bytes]]:
     state = convert_vae(load_file(str(vae_dir / "diffusion_pytorch_model.safetensors")),
                         json.loads((vae_dir / "config.json").read_text()))
     other = {**state, "decoder.conv_out.bias": state["decoder.conv_out.bias"] + 0.1}
-    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other))}
+    controlnets = []
+    for seed in (41, 43):
+        tiny_weights.build_plain_controlnet(folder / f"controlnet-{seed}", weights_dir / utils.MODEL_DIRS["illustrious"]
+                                            / "unet", seed=seed, dtype=torch.float16)
+        controlnets.append((folder / f"controlnet-{seed}" / "diffusion_pytorch_model.safetensors").read_bytes())
+    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other)),
+            "ControlNet": (controlnets[0], controlnets[1])}
 
 
 @pytest.fixture(scope="module")
@@ -821,7 +835,7 @@ def kind_worlds(world, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hostile-kinds")
     pipe = world.predictor.models.models["illustrious"].txt2img
-    bodies = _kind_bodies(pipe, world.predictor.weights_dir)
+    bodies = _kind_bodies(pipe, world.predictor.weights_dir, root)
     mp = pytest.MonkeyPatch()
     worlds = {"LoRA": world}
     for kind, (good, other) in bodies.items():
@@ -873,7 +887,7 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
     built = case.build(w, tag)
     expected = _kind_case(case, row_id, kind, input_name, built)
     apply_env(expected.env, w.cache, monkeypatch)
-    inputs = {kind_input: write(next(iter(built.values())))}
+    inputs = {kind_input: write(next(iter(built.values()))), **KIND_NEEDS.get(kind_input, lambda w: {})(w)}
     before = cache_state(w.cache)
     if expected.error is None:
         if kind_input == "more_loras":
@@ -881,7 +895,7 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
         elif kind_input == "embeddings":
             refs = [x.ref for x in embeddings.parse_embeddings(inputs[kind_input])]
         else:
-            refs = [weights.parse_ref(inputs[kind_input], "VAE", input_name="vae")]
+            refs = [weights.parse_ref(inputs[kind_input], kind, input_name=input_name)]
         file = w.cache.fetch(refs[0], weights.Tokens(), input_name=input_name)
         w.cache.release(refs[0])
         assert file.sha256 == sha256(w.lora)
