@@ -1,4 +1,5 @@
-"""ControlNet: the baked union ControlNet, control maps sized to the output, and the controlled denoising step.
+"""ControlNet: the baked union ControlNet, ControlNets by reference (`control_model`), control maps sized to the
+output, and the controlled denoising step.
 
 How a controlled image is made. The request's pipeline stays the plain SDXL pipeline of its mode (txt2img,
 img2img, inpainting, the hires fix's second pass), with every feature it has (guidance rescale, v-prediction,
@@ -14,6 +15,12 @@ does itself, so a new strength needs no new graph.
 
 The control map is fitted to the output as A1111's ControlNet "Crop and Resize" does: scaled to cover the output
 size, keeping its aspect ratio, and the overflow cut off equally on both sides (`crop_and_resize`).
+
+A `control_model` (fetched and key-checked by weights.py's ControlNet kind) is loaded by `load_user_controlnet`:
+plain ControlNetModel or ControlNetUnionModel, from a single file in diffusers or original (ldm) names or from a
+diffusers folder, its architecture read from the tensors and checked against the base model's UNet. `ControlNets`
+keeps the last USER_CONTROLNETS_KEPT of them loaded; the stand-in gets each loop's ControlNet with its
+ControlStep, so one twin per model and mode serves the baked and every user ControlNet.
 """
 
 from __future__ import annotations
@@ -282,24 +289,25 @@ def controlnet_title(file) -> str:
     return f"{name} [{legacy_model_hash(weights_file)}]"
 
 
-def _diffusers_names(state: dict, layers_per_block: int) -> dict:
-    """The state dict in diffusers names: a file in the original ControlNet layout ("control_model." + ldm names,
-    or the same without the prefix) goes through diffusers' own converter, plus SDXL's text-time embedding
-    (label_emb), which that converter leaves out."""
+def diffusers_names(names: list[str], layers_per_block: int) -> dict[str, str]:
+    """{diffusers name: the file's name} of a ControlNet's tensors. A file in the original ControlNet layout
+    ("control_model." + ldm names, or the same without the prefix) is renamed by diffusers' own converter (it only
+    moves values, so it maps names as well as tensors), plus SDXL's text-time embedding (label_emb), which that
+    converter leaves out."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     import weights
 
-    layout, prefix = weights.controlnet_layout(state) or ("diffusers", "")
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    layout, prefix = weights.controlnet_layout(names) or ("diffusers", "")
+    own = {k[len(prefix):]: k for k in names if k.startswith(prefix)}
     if layout == "diffusers":
         return own
-    converted = convert_controlnet_checkpoint(own, {"layers_per_block": layers_per_block})
+    renamed = convert_controlnet_checkpoint(own, {"layers_per_block": layers_per_block})
     for new, old in (("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")):
         for param in ("weight", "bias"):
             if f"{old}.{param}" in own:
-                converted[f"{new}.{param}"] = own[f"{old}.{param}"]
-    return {k: v for k, v in converted.items() if v is not None}
+                renamed[f"{new}.{param}"] = own[f"{old}.{param}"]
+    return {k: v for k, v in renamed.items() if v is not None}
 
 
 def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union_defaults: dict,
@@ -371,26 +379,30 @@ def load_user_controlnet(file, key: str, unet_config: Any, union_defaults: dict,
     from diffusers import ControlNetModel, ControlNetUnionModel
     from safetensors import safe_open
 
+    import weights
+
     display = file.ref.display
     folder = file.path if file.path.is_dir() else None
     weights_file = folder / "diffusion_pytorch_model.safetensors" if folder else file.path
     given = {}
     if folder is not None:
         given = json.loads((folder / "config.json").read_text("utf-8"))  # checked to be an object at download
+    header = weights.check_safetensors(weights_file)  # names and shapes only: nothing is loaded before it fits
+    names = diffusers_names([k for k in header if k != "__metadata__"], int(unet_config.get("layers_per_block") or 2))
+    union, config = derive_config({new: tuple(header[old]["shape"]) for new, old in names.items()}, unet_config,
+                                  given, union_defaults, display)
+    check_fits(config, unet_config, display)
     state = {}
     with safe_open(str(weights_file), "pt", device="cpu") as f:  # tensor by tensor: no second copy in memory
-        for name in f.keys():
-            tensor = f.get_tensor(name)
-            state[name] = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
-    state = _diffusers_names(state, int(unet_config.get("layers_per_block") or 2))
-    union, config = derive_config({k: tuple(v.shape) for k, v in state.items()}, unet_config, given, union_defaults,
-                                  display)
-    check_fits(config, unet_config, display)
+        for new, old in names.items():
+            tensor = f.get_tensor(old)
+            state[new] = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
     cls = ControlNetUnionModel if union else ControlNetModel
     try:
         with torch.device("meta"):
             model = cls.from_config(config)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        unexpected += sorted(set(header) - {"__metadata__"} - set(names.values()))  # names no converter knows
     except Exception as err:  # noqa: BLE001 - a config or shape that does not fit, whatever diffusers raises
         raise _input_error(display, f"does not load as an SDXL ControlNet ({type(err).__name__}: "
                                     f"{str(err)[:200]})") from err

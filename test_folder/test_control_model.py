@@ -135,7 +135,10 @@ def cn(predictor, tmp_path_factory):
                         file_name="my_plain_cn.safetensors")
     civitai.add_version(502, 5002, (root / "checkpoint.safetensors").read_bytes(), model_type="Controlnet")
     civitai.add_version(503, 5003, plain, model_type="LORA")
+    partial = load_file(str(root / "plain" / "diffusion_pytorch_model.safetensors"))
+    del partial["controlnet_mid_block.weight"]
     served = {"union_promax.safetensors": union, "cn_plain.safetensors": plain, "six.safetensors": save(six),
+              "partial.safetensors": save(partial),
               "wide.safetensors": (root / "wide" / "diffusion_pytorch_model.safetensors").read_bytes(),
               "lora.safetensors": (root / "lora.safetensors").read_bytes(),
               "sd15.safetensors": (root / "sd15.safetensors").read_bytes(),
@@ -274,6 +277,8 @@ REFUSED = [  # (control_model, the message after "control_model: ", refused at d
     ("data:application/octet-stream;base64,AAAA", r"data: URLs are not ControlNets", True),
     ("wide", r"is not a ControlNet for this base model \(expected an SDXL ControlNet with block_out_channels "
              r"\[16, 32, 32\]; got block_out_channels \[32, 64, 64\]\)", False),
+    ("partial", r"does not load as an SDXL ControlNet \(expected the weights of a ControlNetModel; got 1 missing, "
+                r"e\.g\. 'controlnet_mid_block\.weight', and 0 unexpected", False),
     ("six", r"cannot do control_type tile \(expected a union ControlNet with mode 6.*got a union model of 6 "
             r"control types\)", False),
 ]
