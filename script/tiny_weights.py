@@ -274,7 +274,7 @@ def build_controlnet(folder: Path, unet_folder: Path, seed: int) -> None:
 
 # --- ControlNets by reference (the control_model input). Not part of WEIGHTS_DIR: tests write them where they serve
 # them from, in the layouts users link to.
-_UNET_FIELDS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+CONTROLNET_UNET_FIELDS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
                 "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
                 "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                 "norm_num_groups", "upcast_attention")
@@ -288,7 +288,7 @@ def build_plain_controlnet(folder: Path, unet_folder: Path, seed: int, dtype: to
 
     unet = json.loads((unet_folder / "config.json").read_text())
     torch.manual_seed(seed)
-    controlnet = ControlNetModel(**{name: unet[name] for name in _UNET_FIELDS},
+    controlnet = ControlNetModel(**{name: unet[name] for name in CONTROLNET_UNET_FIELDS},
                                  conditioning_embedding_out_channels=(4, 8, 8, 16))
     with torch.no_grad():  # the zero convolutions start at zero: small noise makes the control change the image
         for p in controlnet.parameters():

@@ -328,8 +328,13 @@ def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union
     blocks = indices(r"down_blocks\.(\d+)\.")
     if not blocks:
         raise _input_error(display, "does not load as an SDXL ControlNet (expected down_blocks.*; got none)")
+    # A block has attention when it has an attentions module, even of 0 transformer layers (diffusers' -mid models).
+    attention = [any(k.startswith(f"down_blocks.{b}.attentions.") for k in shapes) for b in blocks]
     depth = [len(indices(rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in blocks]
+    mid_attention = any(k.startswith("mid_block.attentions.") for k in shapes)
     mid_depth = len(indices(r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    if not attention[-1]:  # the mid block takes the last entry (ControlNetModel); a block without attention none
+        depth[-1] = mid_depth
     proj_in = next((shapes[k] for k in shapes if k.endswith("attentions.0.proj_in.weight")), (0, 0))
     cross = next((shapes[k] for k in shapes if k.endswith("attn2.to_k.weight")), (0, 0))
     hint_out = [shape("controlnet_cond_embedding.conv_in.weight")[0]] + [
@@ -338,10 +343,10 @@ def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union
     config = {
         "in_channels": shape("conv_in.weight")[1],
         "conditioning_channels": shape("controlnet_cond_embedding.conv_in.weight")[1],
-        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "block_out_channels": [shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] for b in blocks],
         "layers_per_block": len(indices(r"down_blocks\.0\.resnets\.(\d+)\.")),
-        "transformer_layers_per_block": [d or 1 for d in depth],  # a block without attention ignores its entry
+        "transformer_layers_per_block": depth,
         "cross_attention_dim": cross[1] if len(cross) == 2 else None,
         "use_linear_projection": len(proj_in) == 2,
         "addition_embed_type": "text_time",
@@ -349,11 +354,11 @@ def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union
         "conditioning_embedding_out_channels": hint_out,
     }
     union = "task_embedding" in shapes
-    if mid_depth != config["transformer_layers_per_block"][-1] and (mid_depth or union):
-        raise _input_error(display, f"does not load as an SDXL ControlNet (expected a mid block of "
-                                    f"{config['transformer_layers_per_block'][-1]} transformer layers; got {mid_depth})")
+    if (mid_attention or union) and mid_depth != depth[-1]:
+        raise _input_error(display, f"does not load as an SDXL ControlNet (expected a mid block of {depth[-1]} "
+                                    f"transformer layers, as its last down block; got {mid_depth})")
     if not union:
-        config["mid_block_type"] = "UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D"
+        config["mid_block_type"] = "UNetMidBlock2DCrossAttn" if mid_attention else "UNetMidBlock2D"
     for name in UNET_SETTINGS:
         config[name] = given.get(name, unet_config.get(name))
     for name, default in OWN_SETTINGS.items():

@@ -256,6 +256,35 @@ def test_a_plain_controlnet_by_reference_in_each_layout_and_source(predictor, cn
     assert (file.path / "diffusion_pytorch_model.safetensors").read_bytes() == cn.plain16
 
 
+@pytest.mark.parametrize("variant", [
+    dict(transformer_layers_per_block=(1, 0, 1)),  # diffusers' -mid SDXL ControlNets: an attention of 0 layers
+    dict(down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"), mid_block_type="UNetMidBlock2D"),
+    dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),  # the mid block keeps attention
+], ids=["mid", "small", "last-block-plain"])
+def test_the_architecture_is_read_from_the_tensors(predictor, tmp_path, variant):
+    """ControlNets with fewer transformer layers or attention blocks than the UNet load as from_pretrained loads
+    their folder: the same config and the same tensors, with no config.json given."""
+    from diffusers import ControlNetModel
+
+    unet_config = predictor.models.models["illustrious"].txt2img.unet.config
+    torch.manual_seed(37)
+    model = ControlNetModel(**{name: unet_config[name] for name in tiny_weights.CONTROLNET_UNET_FIELDS
+                               if name not in variant}, **variant, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    model.save_pretrained(tmp_path)
+    expected = ControlNetModel.from_pretrained(tmp_path)
+    ref = weights.parse_ref(f"https://x.test/{variant and 'v'}.safetensors", "ControlNet", input_name="control_model")
+    file = SimpleNamespace(ref=ref, path=tmp_path / "diffusion_pytorch_model.safetensors", sha256="-", file_name=None)
+    got = control.load_user_controlnet(file, "k", unet_config, {}, torch.device("cpu"), torch.float32).model
+    differ = {k for k in expected.config if not k.startswith("_") and expected.config[k] != got.config.get(k)}
+    assert differ <= {"transformer_layers_per_block"}  # only entries of blocks without attention, which none reads
+    assert [d for d, t in zip(got.config.transformer_layers_per_block, got.config.down_block_types)
+            if t.startswith("CrossAttn")] == [d for d, t in zip(expected.config.transformer_layers_per_block,
+                                                                expected.config.down_block_types) if t.startswith("CrossAttn")]
+    state = expected.state_dict()
+    assert set(got.state_dict()) == set(state)
+    assert all(torch.equal(value, state[key]) for key, value in got.state_dict().items())
+
+
 def test_loras_merge_into_the_unet_never_into_the_controlnet(predictor, cn):
     alone, _ = image(predictor, control_image=cn.map, control_model=cn.url["cn_plain"])
     with_lora, _ = image(predictor, control_image=cn.map, control_model=cn.url["cn_plain"],
