@@ -453,13 +453,14 @@ _stand_ins: "weakref.WeakSet[ControlledUNet]" = weakref.WeakSet()
 
 def forget(user: UserControlNet) -> None:
     """A user ControlNet leaves memory: the stand-ins drop their reference to it and the runners that captured
-    graphs of it drop their graphs (they would hold its memory pool, or replay into freed weights)."""
+    graphs of it forget those graphs (they would hold pool memory, or replay into freed weights); the UNet's graphs
+    stay."""
     for stand_in in list(_stand_ins):
         if stand_in.step is not None and stand_in.step.controlnet is user.model:
             stand_in.step, stand_in._conds = None, {}
     for runner, seen in list(_controlnet_fingerprints.items()):
         if seen.pop(user.label, None) is not None:
-            runner.drop()
+            runner.forget(f"controlnet:{user.label}")
 
 
 class ControlledUNet(graphs.UNetStandIn):

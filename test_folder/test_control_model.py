@@ -224,6 +224,9 @@ def test_a_plain_controlnet_steps_as_stock_diffusers_controlnet_pipeline_eager_a
         assert torch.equal(ours(), eager)
         assert {key[0] for key in model.runner.graphs} == {f"controlnet:{user.label}", "unet+control", "unet"}
         assert model.runs[("control", "txt2img")].unet.eager_calls == 0
+        control.forget(user)  # what ControlNets.user does to the one it lets go: its graphs go, the UNet's stay
+        assert {key[0] for key in model.runner.graphs} == {"unet+control", "unet"}
+        assert model.runs[("control", "txt2img")].unet.controlnet is None
     finally:
         use_graphs(predictor, None)
 
