@@ -108,6 +108,7 @@ class Request:
     embeddings: tuple[embeddings.EmbeddingInput, ...] = ()  # textual inversions, one per `embeddings` line
     vae: Optional[weights.WeightsRef] = None  # a user VAE instead of the model's own
     control: Optional[control.ControlRequest] = None  # a ControlNet unit (sdxl/control.py); None: no control acts
+    control_model: Optional[weights.WeightsRef] = None  # a user ControlNet for the unit; None: the baked one
     reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (sdxl/reference.py)
     upscaler: Optional[weights.WeightsRef] = None  # `upscaler_model`: the hires fix's model upscaler instead of the baked one
     detailer: Optional[detailer.DetailerRequest] = None  # the face/hand detailer (sdxl/detailer.py); None: off
@@ -156,6 +157,7 @@ def check_inputs(
     control_strength: float = 1.0,
     control_start: float = 0.0,
     control_end: float = 1.0,
+    control_model: Optional[str] = None,
     reference_image=None,
     reference_strength: float = 0.6,
     reference_mode: str = "full",
@@ -206,6 +208,11 @@ def check_inputs(
            f"and up to {MAX_MORE_LORAS} more_loras lines), got {len(loras)}")
     embedding_items = embeddings.parse_embeddings(embeddings_text)
     user_vae = weights.parse_ref(vae_ref.strip(), "VAE", input_name="vae") if vae_ref and vae_ref.strip() else None
+    control_ref = None
+    if control_model is not None and control_model.strip():
+        control_ref = weights.parse_ref(control_model.strip(), "ControlNet", input_name="control_model")
+        expect(control_image is not None, "control_model: a ControlNet controls with a control_image; got "
+               "control_model without one (add control_image, or leave control_model blank)")
     expect(1.0 <= hires_scale <= 2.0, f"hires_scale: expected 1 (off) to 2, got {hires_scale}")
     expect(hires_upscaler in HIRES_UPSCALER_CHOICES,
            f"hires_upscaler: expected one of {HIRES_UPSCALER_CHOICES}, got {hires_upscaler!r}")
@@ -320,6 +327,7 @@ def check_inputs(
         embeddings=embedding_items,
         vae=user_vae,
         control=control_request,
+        control_model=control_ref if control_request is not None else None,  # a unit that cannot act fetches nothing
         reference=reference_request,
         upscaler=upscaler_ref,
         detailer=detailer_request,
@@ -402,10 +410,10 @@ class Predictor(BasePredictor):
         self.lora_cache = weights.LoraCache.from_env()
         self.checkpoint_cache: Optional[weights.CheckpointCache] = None  # created on the first `checkpoint` request
         self.custom_key: Optional[str] = None  # the one custom checkpoint resident beside the baked models
-        # Embedding and VAE caches (in the LoRA cache's folder unless set apart); the user VAE last used stays
-        # loaded, keyed by its file.
+        # Embedding, VAE and ControlNet caches (in the LoRA cache's folder unless set apart); the user VAE last used
+        # stays loaded, keyed by its file (user ControlNets: self.controlnets).
         self.caches: dict[str, weights.LoraCache] = {kind: weights.CACHE_CLASSES[kind].from_env()
-                                                     for kind in ("embedding", "VAE")}
+                                                     for kind in ("embedding", "VAE", "ControlNet")}
         self.user_vae: Optional[tuple[str, object]] = None
         self.controlnets = control.ControlNets(weights_dir, device, dtype)  # loaded on the first control request
         self.preprocessors = preprocess.Preprocessors(weights_dir, device, dtype)  # their models too
@@ -633,6 +641,14 @@ class Predictor(BasePredictor):
             description="Fraction of the denoising steps where the control stops acting.", default=1.0, ge=0.0,
             le=1.0,
         ),
+        control_model: Optional[str] = Input(
+            description="ControlNet: any SDXL ControlNet to use instead of the baked union model: a single "
+            ".safetensors file (diffusers or original ControlNet names) or a diffusers ControlNet folder, plain or "
+            "union, in the forms of lora_weights (huggingface.co/..., hf://, civitai.com/models/<id> of type "
+            "Controlnet, a Replicate model, a URL). Downloaded once, then cached. For a plain ControlNet, "
+            "control_type only picks the preprocessor. Blank = the baked union ControlNet.",
+            default=None,
+        ),
         reference_image: Optional[str] = Input(
             description="IP-Adapter reference: an image (an http(s) or data: URL) whose character or style the output "
             "follows.", default=None
@@ -709,6 +725,7 @@ class Predictor(BasePredictor):
             control_strength=control_strength,
             control_start=control_start,
             control_end=control_end,
+            control_model=control_model,
             reference_image=reference_image,
             reference_strength=reference_strength,
             reference_mode=reference_mode,
@@ -747,12 +764,15 @@ class Predictor(BasePredictor):
             loaded = self.fetch_embeddings(request, tokens)
             user_vae = self.fetch_vae(request, tokens)
             upscaler = self.fetch_upscaler(request, tokens)
+            user_controlnet = self.fetch_control_model(request, tokens)
             self.activate(request.spec.key)
             self.apply_loras(request, fetched)
-            images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None, upscaler)
+            images = self.generate(request, seed, loaded, user_vae[1] if user_vae else None, upscaler=upscaler,
+                                   user_controlnet=user_controlnet)
             images = self.detail(request, seed, images, detectors, loaded, user_vae[1] if user_vae else None)
         parameters = (self.parameters(request, seed, fetched, loaded, user_vae[0] if user_vae else None,
-                                      self.unit_parameters(request), upscaler.title if upscaler else None)
+                                      self.unit_parameters(request, user_controlnet),
+                                      upscaler.title if upscaler else None)
                       if request.embed_metadata else None)
 
         if request.safety_checker:
@@ -787,7 +807,8 @@ class Predictor(BasePredictor):
     def extra_pinning(self, request: Request) -> contextlib.AbstractContextManager:
         """The pinning() scopes of the embedding and VAE caches, for the kinds the request uses."""
         stack = contextlib.ExitStack()
-        for kind, used in (("embedding", request.embeddings), ("VAE", request.vae), ("upscaler", request.upscaler)):
+        for kind, used in (("embedding", request.embeddings), ("VAE", request.vae), ("upscaler", request.upscaler),
+                           ("ControlNet", request.control_model)):
             if used:
                 stack.enter_context(self.cache(kind).pinning())
         return stack
@@ -840,6 +861,18 @@ class Predictor(BasePredictor):
             return self.upscalers.user(file)
         except upscale.UpscalerError as err:
             raise utils.InputError(str(err)) from err
+
+    def fetch_control_model(self, request: Request, tokens: weights.Tokens) -> Optional[control.UserControlNet]:
+        """The request's `control_model`, fetched and loaded (kept loaded for the next request: ControlNets.user),
+        checked to fit the request's base model; None for the baked ControlNet."""
+        if request.control_model is None:
+            return None
+        phase = time.perf_counter()
+        file = self.cache("ControlNet").fetch(request.control_model, tokens, input_name="control_model")
+        unet_config = self.models.models[request.spec.key].txt2img.unet.config
+        loaded = self.controlnets.user(file, unet_config, request.control.type)
+        logger.info("control_model %s ready in %.2fs", file.ref.display, time.perf_counter() - phase)
+        return loaded
 
     def checkpoint_pinning(self, request: Request) -> contextlib.AbstractContextManager:
         """The checkpoint cache's pinning() scope (creating the cache) when the request names a checkpoint."""
@@ -928,11 +961,13 @@ class Predictor(BasePredictor):
                                    f"got {request.clip_skip}")
         utils.make_scheduler(request.scheduler, model.scheduler_config)
 
-    def unit_parameters(self, request: Request) -> dict[str, str]:
+    def unit_parameters(self, request: Request,
+                        user_controlnet: Optional[control.UserControlNet] = None) -> dict[str, str]:
         """The A1111 extensions' infotext entries of this request's control unit."""
         units = []
         if request.control is not None:
-            units.append(control.infotext(request.control, self.controlnets.title, (request.width, request.height)))
+            title = user_controlnet.title if user_controlnet is not None else self.controlnets.title
+            units.append(control.infotext(request.control, title, (request.width, request.height)))
         if request.reference is not None:
             units.append(reference.infotext(request.reference, self.references.title))
         entries = {f"ControlNet {i}": unit for i, unit in enumerate(units)}
@@ -1014,11 +1049,12 @@ class Predictor(BasePredictor):
         return {id(getattr(pipe, name)) for name in ("unet", "text_encoder", "text_encoder_2")}
 
     def generate(self, request: Request, seed: int, loaded: Optional[list] = None, user_vae=None,
-                 upscaler: Optional[upscale.Upscaler] = None) -> list:
+                 upscaler: Optional[upscale.Upscaler] = None,
+                 user_controlnet: Optional[control.UserControlNet] = None) -> list:
         """Run the diffusers pipeline for the request; image i uses its own CPU generator seeded seed + i."""
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
-        run = self.control_run(request)
+        run = self.control_run(request, user_controlnet)
         pipe = control.pipeline(model, request.mode, request.go_fast, run, (request.width, request.height))
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
@@ -1065,17 +1101,20 @@ class Predictor(BasePredictor):
         )
         return images
 
-    def control_run(self, request: Request) -> Optional[control.ControlRun]:
-        """The request's ControlNet (loaded on first use) and control map, or None without control."""
+    def control_run(self, request: Request,
+                    user_controlnet: Optional[control.UserControlNet] = None) -> Optional[control.ControlRun]:
+        """The request's ControlNet (the user's, else the baked one, loaded on first use) and control map, or None
+        without control."""
         if request.control is None:
             return None
         phase = time.perf_counter()
-        controlnet = self.controlnets.get()
+        controlnet = user_controlnet.model if user_controlnet is not None else self.controlnets.get()
         unit = request.control
         control_map = self.preprocessors.map(unit.type, unit.image, unit.preprocess)
         logger.info("control map %s (%s) in %.3fs", unit.type, "extracted" if unit.preprocess else "given",
                     time.perf_counter() - phase)
-        return control.ControlRun(request=unit, controlnet=controlnet, map=control_map)
+        return control.ControlRun(request=unit, controlnet=controlnet, map=control_map,
+                                  label=user_controlnet.label if user_controlnet is not None else "")
 
     def detector_units(self, request: Request) -> list[tuple[str, detailer.Detector]]:
         """The detailer's (unit, detector) pairs in the order they run; the detectors load on first use."""

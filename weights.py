@@ -9,6 +9,9 @@
 Full SDXL checkpoints (the `checkpoint` input) go through the same code: `parse_checkpoint_ref` and a
 `CheckpointCache` (its own folder and byte cap, a file-size window, CivitAI "Checkpoint" models; a Hugging Face repo
 with model_index.json is fetched as a diffusers folder, entries/<key>/diffusers/).
+So do the other kinds of `KINDS` (embeddings, VAEs, ControlNets for `control_model`), each with its cache class
+(`CACHE_CLASSES`), CivitAI types, size cap and a key check that refuses files of another kind or base model before
+anything is cached.
 
 Sources: Hugging Face (huggingface_hub against HF_ENDPOINT), CivitAI (CIVITAI_API_BASE), Replicate
 (REPLICATE_API_BASE / REPLICATE_WEB_BASE), plain http(s) URLs and data: URLs.  See REFERENCE_FORMS for the
@@ -108,6 +111,7 @@ CIVITAI_LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})
 CIVITAI_CHECKPOINT_TYPES = frozenset({"checkpoint"})
 CIVITAI_EMBEDDING_TYPES = frozenset({"textualinversion"})
 CIVITAI_VAE_TYPES = frozenset({"vae"})
+CIVITAI_CONTROLNET_TYPES = frozenset({"controlnet"})  # CivitAI's model type "Controlnet"
 # CivitAI version names / baseModelType values that mark a v-prediction checkpoint (NoobAI-XL V-Pred, ...).
 _VPRED_MARK = re.compile(r"v[-_ ]?pred", re.IGNORECASE)
 CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com", "civitai.red", "civitai.green"})
@@ -1049,6 +1053,110 @@ def _hf_embedding_folder(files: list, prefix: str) -> list | None:
     return _hf_files_in(files, prefix, DIFFUSERS_EMBEDDING_FILES)
 
 
+# --- ControlNets (the `control_model` input) ---
+# What a file's keys say it is when it is no SDXL ControlNet, first match wins: (test on one key, what it is).
+# Key names from diffusers' own loaders (single_file_utils.py CHECKPOINT_KEY_NAMES, the Flux / SD3 ControlNet and
+# T2I-Adapter classes) and the layouts of kohya's ControlNet-LLLite and Stability AI's Control-LoRA files.
+_NOT_A_CONTROLNET: tuple[tuple[Callable[[str], bool], str], ...] = (
+    (lambda k: k.startswith(("model.diffusion_model.", "conditioner.", "cond_stage_model.")),
+     "a full checkpoint (it has a UNet), not a ControlNet: use the checkpoint input"),
+    (lambda k: k == "lora_controlnet", "a Control-LoRA (Stability AI's LoRA-style ControlNet), not a full ControlNet"),
+    (lambda k: k.startswith("lllite_"), "a ControlNet-LLLite (kohya), not a full ControlNet"),
+    (lambda k: ".lora_" in k or "lora_down" in k or "lora_A." in k or k.startswith(("lora_", "lycoris_")),
+     "a LoRA, not a ControlNet: use lora_weights"),
+    (lambda k: k.startswith(("ip_adapter.", "image_proj.")), "an IP-Adapter, not a ControlNet"),
+    (lambda k: k.startswith(("adapter.body.", "body.0.")), "a T2I-Adapter, not a ControlNet"),
+    (lambda k: k.startswith(("pos_embed_input.", "joint_blocks.")), "an SD3 ControlNet (a transformer), not SDXL"),
+    (lambda k: k.startswith(("single_transformer_blocks.", "controlnet_single_blocks.", "x_embedder.",
+                             "controlnet_x_embedder.", "double_blocks.", "single_blocks.")),
+     "a Flux ControlNet (a transformer), not SDXL"),
+    (lambda k: k.startswith("transformer_blocks."), "a transformer (DiT) ControlNet for Flux/SD3, not SDXL"),
+    (lambda k: k.startswith(("decoder.conv_in.", "first_stage_model.")), "a VAE, not a ControlNet"),
+)
+# The two layouts of an SDXL ControlNet file: diffusers names (what diffusers folders and most single files on the
+# Hub / CivitAI hold), and the original ControlNet training layout (ldm names, "control_model." prefix or none).
+# (the key of the hint encoder's first conv, the key of SDXL's text-time embedding)
+CONTROLNET_LAYOUTS = {
+    "diffusers": ("controlnet_cond_embedding.conv_in.weight", "add_embedding.linear_1.weight"),
+    "ldm": ("input_hint_block.0.weight", "label_emb.0.0.weight"),
+}
+_CONTROLNET_LDM_PREFIX = "control_model."
+_CROSS_ATTENTION_BASES = {768: "an SD1.x ControlNet (768-wide cross-attention)",
+                          1024: "an SD2.x ControlNet (1024-wide cross-attention)"}
+
+
+def controlnet_layout(keys: Any) -> tuple[str, str] | None:
+    """(layout, key prefix) of a ControlNet state dict's names, or None when it is in neither layout."""
+    keys = set(keys)
+    for prefix in ("", _CONTROLNET_LDM_PREFIX):
+        for layout, (hint, _) in CONTROLNET_LAYOUTS.items():
+            if prefix + hint in keys:
+                return layout, prefix
+    return None
+
+
+def describe_controlnet_keys(header: Mapping[str, Any]) -> str | None:
+    """None for an SDXL ControlNet (plain or union, diffusers or ldm names); else what the file is.
+
+    What SDXL needs of a ControlNet, read from names and shapes only (its weights are never loaded here): a hint
+    encoder for RGB maps, the text-time embedding SDXL's UNet is conditioned on (SD1.x/2.x ControlNets have none)
+    and a cross-attention width other than SD1.x's 768 / SD2.x's 1024. Whether it fits the base model exactly
+    (channels, blocks, 2048-wide text) is checked when it is loaded (sdxl/control.py)."""
+    keys = [k for k in header if k != "__metadata__"]
+    for test, what in _NOT_A_CONTROLNET:
+        example = next((k for k in keys if test(k)), None)
+        if example is not None:
+            return f"{what} (e.g. key {example[:60]!r})"
+    found = controlnet_layout(keys)
+    if found is None:
+        if "conv_in.weight" in keys and any(k.startswith("up_blocks.") for k in keys):
+            return "a UNet (diffusers names), not a ControlNet"
+        return f"not a ControlNet (keys like {', '.join(repr(k[:40]) for k in keys[:3])})"
+    layout, prefix = found
+    hint_key, text_time_key = (prefix + k for k in CONTROLNET_LAYOUTS[layout])
+    cross = next((_shape(header[k]) for k in keys if k.endswith("attn2.to_k.weight")), [])
+    if len(cross) == 2 and cross[1] in _CROSS_ATTENTION_BASES:
+        return _CROSS_ATTENTION_BASES[cross[1]]
+    if text_time_key not in keys:
+        return "a ControlNet without SDXL's text-time embedding (an SD1.x/SD2.x ControlNet)"
+    hint = _shape(header[hint_key])
+    if len(hint) != 4 or hint[1] != 3:
+        return f"a ControlNet for {hint[1] if len(hint) == 4 else '?'}-channel control maps (RGB maps have 3)"
+    return None
+
+
+def _check_controlnet_keys(header: dict, ctx: _Context) -> None:
+    what = describe_controlnet_keys(header)
+    if what is not None:
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL ControlNet",
+                   expected="an SDXL ControlNet (a single .safetensors file or a diffusers ControlNet folder)",
+                   got=what, hint="Pick the SDXL/Illustrious/Pony version of this ControlNet.")
+
+
+def _check_controlnet_config(path: Path, ctx: _Context) -> None:
+    """A diffusers ControlNet folder's config.json: a JSON object naming a ControlNet class (when it names one)."""
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        config = None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or (name is not None and "controlnet" not in str(name).lower()):
+        raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not an SDXL ControlNet",
+                   expected="a diffusers ControlNet folder (config.json of a ControlNetModel or ControlNetUnionModel)",
+                   got=f"a config.json for {_short(str(name), 60)}" if isinstance(config, dict)
+                   else "a config.json that is not a JSON object")
+
+
+def _hf_controlnet_folder(files: list, prefix: str) -> list | None:
+    """A diffusers ControlNet folder: config.json + diffusion_pytorch_model[.fp16].safetensors, fp16 first (a
+    ControlNet runs in half precision: half the download of the 5 GB float32 file of a full SDXL ControlNet)."""
+    for weights_name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"):
+        chosen = _hf_files_in(files, prefix, ("config.json", weights_name))
+        if chosen:
+            return chosen
+    return None
+
+
 @dataclass(frozen=True)
 class WeightsKind:
     """What one kind of weights file is, as data: the download path is the same for every kind."""
@@ -1092,6 +1200,12 @@ KINDS: dict[str, WeightsKind] = {k.name: k for k in (
     WeightsKind("VAE", CIVITAI_VAE_TYPES, "a VAE model", frozenset({"vae"}), "VAE_MAX_BYTES", 1 * GiB, None, 0, "VAE_CACHE_DIR",
                 ("vae-cache", "vaes"), "VAE_CACHE_MAX_BYTES", 4 * GiB, _check_vae_keys, hf_folder=_hf_vae_folder,
                 accepts_tar=False, accepts_data=False, too_large_hint="An SDXL VAE is about 160 MB (fp16) or 320 MB."),
+    # A full SDXL ControlNet is 2.5 GB in fp16, 5 GB in float32; mid / small variants are smaller. Replicate models
+    # and .tar files are taken (a tar holding one .safetensors); data: URLs are not (no input is that large).
+    WeightsKind("ControlNet", CIVITAI_CONTROLNET_TYPES, "a Controlnet model", frozenset({"controlnet"}),
+                "CONTROLNET_MAX_BYTES", 6 * GiB, None, 0, "CONTROLNET_CACHE_DIR", ("controlnet-cache", "controlnets"),
+                "CONTROLNET_CACHE_MAX_BYTES", 20 * GiB, _check_controlnet_keys, hf_folder=_hf_controlnet_folder,
+                accepts_data=False, too_large_hint="A full SDXL ControlNet is about 2.5 GB (fp16) or 5 GB (float32)."),
 )}
 
 
@@ -1943,7 +2057,7 @@ def _hf_files_plan(ref: WeightsRef, ctx: _Context, sha: str, chosen: list, prefi
                 except ValueError as err:
                     raise _not_safetensors(c, f"{f.path}: {err}", "") from err
                 _check_values(got, header, c, what=f" ({f.path})")
-                if c.kind == "VAE":  # one weights file: its keys say whether it is an SDXL VAE
+                if c.kind in ("VAE", "ControlNet"):  # one weights file: its keys say whether it is of this kind
                     KINDS[c.kind].check_keys(header, c)
             rel = f.path[len(prefix):].replace(".fp16.safetensors", ".safetensors")
             target = tmp / DIFFUSERS_DIR / rel
@@ -1951,6 +2065,8 @@ def _hf_files_plan(ref: WeightsRef, ctx: _Context, sha: str, chosen: list, prefi
             os.replace(got, target)
             digest.update(f"{rel}\0{lfs_sha or f.blob_id}\n".encode())
         shutil.rmtree(tmp / "hf", ignore_errors=True)
+        if c.kind == "ControlNet":
+            _check_controlnet_config(tmp / DIFFUSERS_DIR / "config.json", c)
         return _Staged(tmp, digest.hexdigest(), total)
 
     return _Plan(resolved, produce)
@@ -1991,7 +2107,7 @@ def _resolve_civitai(ref: WeightsRef, ctx: _Context, session: requests.Session) 
     info = _json(session, f"{base}/api/v1/model-versions/{version_id}", ctx, auth, auth_hint=_CIVITAI_TOKEN_HINT,
                  not_found="No such CivitAI model version; copy the link from the model page.")
     vtype = str((info.get("model") or {}).get("type") or "").lower()  # the version API names its model's type too
-    if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE", "upscaler"):
+    if vtype and vtype not in KINDS[ctx.kind].civitai_types and ctx.kind in ("embedding", "VAE", "upscaler", "ControlNet"):
         raise _err(IncompatibleError, ctx.input_name, f"{ctx.display} is not {_a(ctx.kind)}",
                    expected=KINDS[ctx.kind].civitai_label,
                    got=f"a {(info.get('model') or {}).get('type')} model", hint=f"Pick {_a(ctx.kind)} model.")
@@ -2614,7 +2730,14 @@ class VaeCache(LoraCache):
     kind = "VAE"
 
 
-CACHE_CLASSES: dict[str, type[LoraCache]] = {c.kind: c for c in (LoraCache, CheckpointCache, EmbeddingCache, VaeCache)}
+class ControlNetCache(LoraCache):
+    """SDXL ControlNets (the `control_model` input): single files or diffusers folders, their own folder and cap."""
+
+    kind = "ControlNet"
+
+
+CACHE_CLASSES: dict[str, type[LoraCache]] = {c.kind: c for c in (LoraCache, CheckpointCache, EmbeddingCache, VaeCache,
+                                                                   ControlNetCache)}
 
 
 class UpscalerCache(LoraCache):
@@ -2627,8 +2750,8 @@ CACHE_CLASSES[UpscalerCache.kind] = UpscalerCache
 
 
 def _default_kind_dir(kind: WeightsKind) -> Path:
-    if kind.name in ("embedding", "VAE", "upscaler"):
-        # Small, per-request files: a folder inside the LoRA cache's (which deployments already place and size).
+    if kind.name in ("embedding", "VAE", "upscaler", "ControlNet"):
+        # Per-request files: a folder inside the LoRA cache's (which deployments already place and size).
         return Path(os.environ.get("LORA_CACHE_DIR") or _default_cache_dir()) / kind.cache_dirs[1]
     if Path("/src/predict.py").exists():  # inside the Cog image
         return Path("/src") / kind.cache_dirs[0]
@@ -2643,10 +2766,12 @@ def parse_ref(text: str, kind: str, *, input_name: str) -> WeightsRef:
     refused = (not spec.accepts_tar and (ref.source == "replicate" or ref.is_tar)) or \
         (not spec.accepts_data and ref.source == "data")
     if refused:
-        forms = "Replicate models, .tar files" + ("" if spec.accepts_data else " and data: URLs")
-        raise _err(InvalidReferenceError, input_name, f"{forms} are not {kind}s",
-                   expected="a Hugging Face file or repo, a CivitAI model or version, or a .safetensors URL"
-                   + (" or data: URL" if spec.accepts_data else ""),
+        forms = " and ".join(([] if spec.accepts_tar else ["Replicate models, .tar files"]) +
+                             ([] if spec.accepts_data else ["data: URLs"]))
+        taken = "a Hugging Face file or repo, a CivitAI model or version, " + \
+            ("a Replicate model, or a .safetensors or .tar URL" if spec.accepts_tar else "or a .safetensors URL") + \
+            (" or data: URL" if spec.accepts_data else "")
+        raise _err(InvalidReferenceError, input_name, f"{forms} are not {kind}s", expected=taken,
                    got=repr(_safe_text(ref.display)))
     return ref
 

@@ -27,6 +27,9 @@ Layout (the same as script/download_weights writes for the real weights):
     DIR/upscalers/           RealESRGAN_x4plus_anime_6B.safetensors: a tiny RRDBNet 4x in Real-ESRGAN's key names
     DIR/anime-face-detector/face_detect_v1.4_s.onnx, DIR/anime-hand-detector/hand_detect_v1.0_s.onnx
                              ONNX stand-ins with the YOLOv8 detectors' signature that "detect" fixed boxes
+
+Tests also call the ControlNet writers here for the control_model input (build_plain_controlnet,
+write_foreign_controlnet); what they write is served by the test fakes, never part of DIR.
 """
 
 from __future__ import annotations
@@ -280,6 +283,54 @@ def build_controlnet(folder: Path, unet_folder: Path, seed: int) -> None:
         for p in controlnet.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     controlnet.save_pretrained(folder)
+
+
+# --- ControlNets by reference (the control_model input). Not part of WEIGHTS_DIR: tests write them where they serve
+# them from, in the layouts users link to.
+CONTROLNET_UNET_FIELDS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                "norm_num_groups", "upcast_attention")
+
+
+def build_plain_controlnet(folder: Path, unet_folder: Path, seed: int, dtype: torch.dtype = torch.float32) -> None:
+    """A plain (one control type) ControlNetModel for the tiny UNet, as a diffusers folder (config.json +
+    diffusion_pytorch_model.safetensors): what diffusers/controlnet-canny-sdxl-1.0 and xinsir's single-type
+    repos hold. Its diffusion_pytorch_model.safetensors alone is the single file in diffusers names."""
+    from diffusers import ControlNetModel
+
+    unet = json.loads((unet_folder / "config.json").read_text())
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel(**{name: unet[name] for name in CONTROLNET_UNET_FIELDS},
+                                 conditioning_embedding_out_channels=(4, 8, 8, 16))
+    with torch.no_grad():  # the zero convolutions start at zero: small noise makes the control change the image
+        for p in controlnet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    controlnet.save_pretrained(folder)
+    if dtype != torch.float32:  # cast in the file: diffusers warns about casting a model with .to()
+        path = folder / "diffusion_pytorch_model.safetensors"
+        save_file({k: v.to(dtype) for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
+
+
+def write_foreign_controlnet(path: Path, kind: str, seed: int = 23) -> None:
+    """A tiny ControlNet for another base model as one .safetensors file in diffusers names, for refusal tests:
+    kind "sd15" (768-wide cross-attention and no text-time embedding, as lllyasviel's SD1.5 ControlNets) or "flux"
+    (a FluxControlNetModel: a transformer)."""
+    from diffusers import ControlNetModel, FluxControlNetModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    if kind == "sd15":
+        model = ControlNetModel(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), block_out_channels=(16, 32),
+                                layers_per_block=1, cross_attention_dim=768, attention_head_dim=2, norm_num_groups=8,
+                                conditioning_embedding_out_channels=(4, 8))
+    elif kind == "flux":
+        model = FluxControlNetModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                    axes_dims_rope=[2, 2, 4])
+    else:
+        raise ValueError(kind)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def build_depth(folder: Path, seed: int) -> None:

@@ -106,6 +106,14 @@ class GraphRunner:
         self.graphs.clear()
         self.pool = None
 
+    def forget(self, tag: str) -> None:
+        """Forget the graphs of `tag` and of the tags under it (`tag:...`): those of a module that is gone (a user
+        ControlNet let go), which would hold pool memory and replay into freed weights; the others stay."""
+        stale = [key for key in self.graphs if key[0] == tag or key[0].startswith(tag + ":")]
+        for key in stale:
+            del self.graphs[key]
+        self.stats["dropped"] += len(stale)
+
     def run(self, tag: str, fn: Callable[[Tensors], tuple], inputs: Tensors) -> tuple:
         """fn(inputs) through this shape's graph (captured on first use); the outputs are fresh tensors."""
         key = (tag, self.variant, _signature(inputs))

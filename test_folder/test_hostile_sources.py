@@ -777,9 +777,10 @@ def _server_row(case: Case, inputs: dict, world: World, server_control: list) ->
 
 
 # ------------------------------------------------------------------------------- the same table, new inputs
-# Every row whose source is a LoRA reference runs again for `more_loras`, `embeddings` and `vae`: the download path
-# is one for every kind of file (weights.KINDS), so each kind must meet each hostile source the same way. The good
-# file of the row is the kind's own (an embedding, a VAE); a failing row fails at the fetch, before any GPU work,
+# Every row whose source is a LoRA reference runs again for `more_loras`, `embeddings`, `vae` and `control_model`:
+# the download path is one for every kind of file (weights.KINDS), so each kind must meet each hostile source the
+# same way. The good file of the row is the kind's own (an embedding, a VAE, a ControlNet); a failing row fails at
+# the fetch, before any GPU work,
 # and a recovering row is fetched without generating, so no row makes an image (the model state is checked by
 # identity instead: no LoRA merged, the tokenizers and the VAE the model's own).
 KIND_INPUTS = {
@@ -788,9 +789,14 @@ KIND_INPUTS = {
     "embeddings": ("embedding", lambda ref: f"\nhostile={ref}", "embeddings line 2"),
     "vae": ("VAE", lambda ref: ref, "vae"),
     "upscaler_model": ("upscaler", lambda ref: ref, "upscaler_model"),
+    "control_model": ("ControlNet", lambda ref: ref, "control_model"),
 }
-# What else a kind's input needs to be fetched at all (upscaler_model is used by the hires fix's esrgan step only).
-KIND_EXTRA_INPUTS = {"upscaler_model": {"hires_scale": 1.25, "hires_upscaler": "esrgan", "hires_strength": 1.0}}
+# What else an input needs to be fetched at all (upscaler_model is used by the hires fix's esrgan step only; a
+# ControlNet only acts with a control image).
+KIND_NEEDS = {
+    "upscaler_model": lambda w: {"hires_scale": 1.25, "hires_upscaler": "esrgan", "hires_strength": 1.0},
+    "control_model": lambda w: {"control_image": w.image_data, "control_preprocess": False},
+}
 # Rows about what a LoRA file holds: another kind says instead that the file is not one of its kind.
 _VALUE_ROWS = ("url-nan-lora", "civitai-1e30-lora", "data-inf-alpha")
 _CONTENT_ROWS = ("url-sd15-lora", "hf-flux-lora", "civitai-sd3-lora-labelled-sdxl", "replicate-sd15-in-tar",
@@ -799,10 +805,14 @@ LORA_ROWS = [p for p in CASES if p.values[0].input in ("lora_weights", "extra_lo
              and p.id != "url-disk-fills-mid-download"]  # that one runs a LoraCache in a child process
 
 
-def _kind_bodies(pipe, weights_dir: Path) -> dict[str, tuple[bytes, bytes]]:
-    """(good, other good) bodies per kind: embeddings of the tiny encoders' widths, the tiny VAE in A1111 layout."""
+def _kind_bodies(pipe, weights_dir: Path, folder: Path) -> dict[str, tuple[bytes, bytes]]:
+    """(good, other good) bodies per kind: embeddings of the tiny encoders' widths, the tiny VAE in A1111 layout, a
+    tiny plain ControlNet in fp16 (under the module's 1 MiB cap) with two seeds."""
     import torch
     from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "script"))
+    import tiny_weights
 
     from ldm_checkpoint import convert_vae
 
@@ -817,7 +827,13 @@ def _kind_bodies(pipe, weights_dir: Path) -> dict[str, tuple[bytes, bytes]]:
     from test_upscale import compact_upscaler  # a tiny Compact 4x upscaler, which spandrel detects
 
     upscalers = (st_save(compact_upscaler(seed=8, features=16)), st_save(compact_upscaler(seed=9, features=16)))
-    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other)), "upscaler": upscalers}
+    controlnets = []
+    for seed in (41, 43):
+        tiny_weights.build_plain_controlnet(folder / f"controlnet-{seed}", weights_dir / utils.MODEL_DIRS["illustrious"]
+                                            / "unet", seed=seed, dtype=torch.float16)
+        controlnets.append((folder / f"controlnet-{seed}" / "diffusion_pytorch_model.safetensors").read_bytes())
+    return {"embedding": (embedding[0], embedding[1]), "VAE": (st_save(state), st_save(other)),
+            "upscaler": upscalers, "ControlNet": (controlnets[0], controlnets[1])}
 
 
 @pytest.fixture(scope="module")
@@ -827,7 +843,7 @@ def kind_worlds(world, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hostile-kinds")
     pipe = world.predictor.models.models["illustrious"].txt2img
-    bodies = _kind_bodies(pipe, world.predictor.weights_dir)
+    bodies = _kind_bodies(pipe, world.predictor.weights_dir, root)
     mp = pytest.MonkeyPatch()
     worlds = {"LoRA": world}
     for kind, (good, other) in bodies.items():
@@ -881,7 +897,7 @@ def test_hostile_source_through_the_new_inputs(case: Case, kind_input: str, kind
     built = case.build(w, tag)
     expected = _kind_case(case, row_id, kind, input_name, built)
     apply_env(expected.env, w.cache, monkeypatch)
-    inputs = {kind_input: write(next(iter(built.values()))), **KIND_EXTRA_INPUTS.get(kind_input, {})}
+    inputs = {kind_input: write(next(iter(built.values()))), **KIND_NEEDS.get(kind_input, lambda w: {})(w)}
     before = cache_state(w.cache)
     if expected.error is None:
         if kind_input == "more_loras":
