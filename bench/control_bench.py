@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="an existing WEIGHTS_DIR with the control components (full_size_weights + full_size_control)")
     args = ap.parse_args()
     if args.tiny:
         args.size, args.steps, args.rank = 256, 4, 4
@@ -59,9 +61,11 @@ def main() -> None:
     r["card"] = torch.cuda.get_device_name() if cuda else "cpu"
     r["versions"] = RB.versions()
     work = Path(tempfile.mkdtemp(prefix="control-bench-"))
-    weights = work / "weights"
+    weights = args.weights or work / "weights"
     t = time.perf_counter()
-    if args.tiny:
+    if args.weights:
+        pass
+    elif args.tiny:
         subprocess.run([sys.executable, str(REPO / "script" / "tiny_weights.py"), str(weights)], check=True)
     else:
         subprocess.run([sys.executable, str(REPO / "bench" / "full_size_weights.py"), str(weights)], check=True)

@@ -474,14 +474,19 @@ def run(images: Sequence[Image.Image], seed: int, units: Sequence[tuple[str, Det
         native: int = 1024) -> list[Image.Image]:
     """Detail every image (image i has seed + i): each unit detects on the image as the previous unit left it and
     repaints its boxes in order, box j with seed + i + j (ADetailer's seed per box)."""
+    from sdxl.progress import Progress
+
     phase = time.perf_counter()
     out, counts = [], {unit: 0 for unit, _ in units}
+    progress = Progress("detailer crops")  # its total grows as each unit finds its boxes
     for i, image in enumerate(images):
         for unit, detector in units:
             boxes = detect(detector, image, unit, i)
             counts[unit] += len(boxes)
+            total = sum(counts.values())
             for j, box in enumerate(boxes):
                 image = repaint_box(image, box, paint, seed + i + j, native)
+                progress.set(total - len(boxes) + j + 1, total)
         out.append(image)
     logger.info("detailer: repainted %s in %.2fs", ", ".join(f"{unit} boxes: {n}" for unit, n in counts.items()),
                 time.perf_counter() - phase)

@@ -139,9 +139,9 @@ def test_blend_keeps_every_pixel_where_the_mask_is_zero():
     assert np.abs(out[soft] - expected).max() <= 1  # a linear blend through the mask
 
 
-def test_the_pass_repaints_boxes_best_first_with_adetailers_seeds():
+def test_the_pass_repaints_boxes_best_first_with_adetailers_seeds(capsys):
     """Seeds: image i's seed + the box's index within its unit; boxes by confidence; the hand unit sees the image
-    the face unit left."""
+    the face unit left. The crops advance a tqdm-style progress line in the log."""
     seen = []
 
     def paint(crop, mask, seed):
@@ -158,6 +158,8 @@ def test_the_pass_repaints_boxes_best_first_with_adetailers_seeds():
     assert np.asarray(out[0])[215, 215, 0] == 40 and np.asarray(out[0])[20, 20, 0] == 41
     assert np.asarray(out[1])[215, 215, 0] == 41 and np.asarray(out[1])[110, 110, 0] == 41
     assert faces.calls == hands.calls == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("detailer crops:")]
+    assert lines and lines[-1].startswith("detailer crops: 100%|") and "| 6/6 [" in lines[-1]
 
 
 def test_infotext_has_the_adetailer_extensions_keys():
