@@ -428,3 +428,22 @@ def test_reference_steps_replay_cuda_graphs_keyed_by_the_adapter_scales(predicto
         assert model.runner.stats["replays"] > replays and model.runner.stats["captures"] == len(model.runner.graphs)
     finally:
         use_graphs(predictor, None)
+
+
+def test_every_control_type_through_the_cog_server_with_preprocessing_on_and_off(cog_server):
+    """Each control type's built-in preprocessor runs in the server (its tiny model loaded on first use) and the
+    infotext names the A1111 module that ran; with control_preprocess=false the image is the map ("none")."""
+    import io
+
+    from cog_server import data_uri, decode_output
+
+    small = dict(prompt="1girl", aspect_ratio="custom", width=256, height=256, num_inference_steps=1,
+                 output_format="png", seed=3, control_image=data_uri(drawn_image((160, 200))))
+    for control_type, spec in control.CONTROL_TYPES.items():
+        for preprocess in (True, False):
+            result = cog_server.predict({**small, "control_type": control_type, "control_preprocess": preprocess})
+            assert result["status"] == "succeeded", (control_type, preprocess, result.get("error"))
+            _, payload = decode_output(result["output"][0])
+            text = Image.open(io.BytesIO(payload)).info["parameters"]
+            module = spec.module if preprocess else "none"
+            assert f'ControlNet 0: "Module: {module}, Model: controlnet-union-sdxl-1.0-promax [' in text, text
