@@ -1069,6 +1069,8 @@ class Predictor(BasePredictor):
                 zero_empty_negative=request.zero_negative,
                 num_images_per_prompt=request.num_outputs,
             )
+            if request.detailer is not None and request.detailer.prompt is not None:
+                expand(request.detailer.prompt, "detailer_prompt")  # an embedding used there only is used, too
         logger.info("encoded prompts (%d chunks) in %.3fs", embeds.chunks, time.perf_counter() - phase)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_outputs)]
         kwargs = dict(
