@@ -158,7 +158,9 @@ def _starts(length: int, tile: int) -> list[int]:
     return [round(i * length / count) for i in range(count)] + [length]
 
 
-def _ramp(length: int, before: int, after: int, device) -> torch.Tensor:
+def ramp(length: int, before: int, after: int, device) -> torch.Tensor:
+    """Blend weights of a tile along one axis: 1 inside, rising linearly over `before` pixels at the start and
+    falling over `after` at the end; the caller divides by the summed weights. Also sdxl/upscale.py's tiles."""
     weight = torch.ones(length, device=device)
     if before:
         weight[:before] = (torch.arange(before, device=device) + 0.5) / before
@@ -203,8 +205,8 @@ def _run_tiles(run, source: torch.Tensor, grid: tuple[int, int], factor: float, 
                 out = torch.zeros(result.shape[0], result.shape[1], round(lat_h * f), round(lat_w * f),
                                   device=result.device, dtype=torch.float32)
                 weight = torch.zeros(1, 1, out.shape[-2], out.shape[-1], device=result.device, dtype=torch.float32)
-            mask = (_ramp(crop.shape[-2], round((r0 - b0) * 2 * f), round((b1 - r1) * 2 * f), crop.device)[:, None] *
-                    _ramp(crop.shape[-1], round((c0 - d0) * 2 * f), round((d1 - c1) * 2 * f), crop.device)[None, :])
+            mask = (ramp(crop.shape[-2], round((r0 - b0) * 2 * f), round((b1 - r1) * 2 * f), crop.device)[:, None] *
+                    ramp(crop.shape[-1], round((c0 - d0) * 2 * f), round((d1 - c1) * 2 * f), crop.device)[None, :])
             out[..., round(b0 * f):round(b1 * f), round(d0 * f):round(d1 * f)] += crop.float() * mask
             weight[..., round(b0 * f):round(b1 * f), round(d0 * f):round(d1 * f)] += mask
     return out / weight

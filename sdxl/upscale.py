@@ -258,19 +258,6 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * step) for i in range(count)]
 
 
-def _ramp(size: int, before: int, after: int, device) -> "torch.Tensor":
-    """1 inside, rising linearly over `before` px at the start and falling over `after` px at the end."""
-    import torch
-
-    weight = torch.ones(size, device=device)
-    if before:
-        weight[:before] = (torch.arange(before, device=device) + 0.5) / before
-    if after:
-        weight[size - after:] = torch.minimum(weight[size - after:],
-                                              (torch.arange(after, 0, -1, device=device) - 0.5) / after)
-    return weight
-
-
 def count_tiles(upscaler: Upscaler, size: tuple[int, int], tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:
     if not _tiled(upscaler):
         return 1
@@ -288,6 +275,8 @@ def upscale_image(upscaler: Upscaler, image: Image.Image, *, tile: int = TILE, o
     that tile internally or should not be tiled)."""
     import numpy as np
     import torch
+
+    from sdxl.tiled_vae import ramp
 
     model = upscaler.model
     scale = upscaler.scale
@@ -313,8 +302,8 @@ def upscale_image(upscaler: Upscaler, image: Image.Image, *, tile: int = TILE, o
                     bottom = (y1 - ys[i + 1]) * scale if i + 1 < len(ys) else 0
                     left = (xs[j - 1] + tile - x0) * scale if j else 0
                     right = (x1 - xs[j + 1]) * scale if j + 1 < len(xs) else 0
-                    mask = (_ramp(up.shape[-2], top, bottom, up.device)[:, None] *
-                            _ramp(up.shape[-1], left, right, up.device)[None, :])
+                    mask = (ramp(up.shape[-2], top, bottom, up.device)[:, None] *
+                            ramp(up.shape[-1], left, right, up.device)[None, :])
                     out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] += up * mask
                     weight[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] += mask
                     if progress is not None:
