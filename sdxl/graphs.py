@@ -63,6 +63,16 @@ class _Graph:
     outputs: tuple
 
 
+def _attached_part(name: str) -> bool:
+    return ".processor." in name or name.startswith("encoder_hid_proj.")
+
+
+def weight_addresses(modules) -> tuple:
+    """Where the modules' weights are (a graph reads them there)."""
+    return tuple(t.data_ptr() for module in modules if isinstance(module, torch.nn.Module)
+                 for t in (*module.parameters(), *module.buffers()))
+
+
 def _signature(inputs: Tensors) -> tuple:
     # Strides too: img2img's latents come channels-last out of the VAE, and a graph captured on another layout
     # would run other kernels than eager does on them (not bitwise the same).
@@ -92,8 +102,11 @@ class GraphRunner:
             self.variant = before
 
     def begin(self, module: torch.nn.Module) -> None:
-        """Before a denoising loop: drop every graph if `module`'s weights are no longer where they were captured."""
-        fingerprint = tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+        """Before a denoising loop: drop every graph if `module`'s weights are no longer where they were captured.
+        An IP-Adapter attached for one request (attention processors, image projection) is not the module's own:
+        where its weights are is part of the variant its graphs are keyed by (sdxl/reference.py)."""
+        fingerprint = tuple(t.data_ptr() for name, t in (*module.named_parameters(), *module.named_buffers())
+                            if not _attached_part(name))
         if fingerprint != self.fingerprint:
             self.drop()
             self.fingerprint = fingerprint

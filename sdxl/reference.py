@@ -167,7 +167,10 @@ class References:
             if runner is None:
                 yield kwargs
             else:
-                with runner.variant_of(("ip-adapter", adapter_scales(adapter.processors))):
+                from sdxl.graphs import weight_addresses
+
+                where = weight_addresses((*adapter.processors.values(), adapter.projection))
+                with runner.variant_of(("ip-adapter", adapter_scales(adapter.processors), where)):
                     yield kwargs
         finally:
             self._detach(unet, own)

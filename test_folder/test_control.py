@@ -407,7 +407,8 @@ def test_reference_steps_replay_cuda_graphs_keyed_by_the_adapter_scales(predicto
     base = dict(prompt="1girl", aspect_ratio="custom", width=256, height=256, num_inference_steps=2,
                 output_format="png", seed=6, reference_image=data_uri(drawn_image((48, 64))))
     cases = {"full 0.6": {}, "full 0.3": dict(reference_strength=0.3), "style 0.6": dict(reference_mode="style"),
-             "with control": dict(control_image=data_uri(drawn_image((96, 96))), control_preprocess=False)}
+             "with control": dict(control_image=data_uri(drawn_image((96, 96))), control_preprocess=False),
+             "with hires": dict(hires_scale=1.25, hires_steps=2)}
 
     def run(case: dict) -> np.ndarray:
         (path,) = predictor.predict(**predict_inputs(**{**base, **case}))
@@ -426,6 +427,10 @@ def test_reference_steps_replay_cuda_graphs_keyed_by_the_adapter_scales(predicto
         replays = model.runner.stats["replays"]
         assert np.array_equal(run(cases["full 0.3"]), eager["full 0.3"])  # replayed, not captured again
         assert model.runner.stats["replays"] > replays and model.runner.stats["captures"] == len(model.runner.graphs)
+        # Attaching the adapter is not a move of the UNet's weights: a plain request after them keeps every graph.
+        plain = run(dict(reference_image=None))
+        assert model.runner.stats["dropped"] == 0 and model.runner.stats["captures"] == len(model.runner.graphs)
+        assert np.array_equal(run(dict(reference_image=None)), plain)
     finally:
         use_graphs(predictor, None)
 
