@@ -1164,7 +1164,8 @@ class Predictor(BasePredictor):
         latent = request.hires_upscaler == "latent"
         first = pipe(**kwargs, output_type="latent" if latent else "pil").images
         refine = control.pipeline(model, "img2img", request.go_fast, run, request.hires_size)
-        tiled = tiled_vae.should_tile(refine.vae, request.hires_size, refine._execution_device)
+        tiled = tiled_vae.should_tile(refine.vae, request.hires_size, refine._execution_device,
+                                      batch=request.num_outputs)
         upscaled = utils.hires_upscale(first, request.hires_upscaler, request.hires_size, upscaler)
         if tiled and not latent:  # what the pipeline would encode, encoded in tiles
             upscaled = tiled_vae.encode_images(refine, upscaled, kwargs["generator"])

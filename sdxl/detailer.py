@@ -135,6 +135,9 @@ def check_detailer(mode: str, strength: float, prompt: Optional[str], steps: int
             raise utils.InputError(f"detailer_prompt: A1111 LoRA tags like {tag[:80]} are not read from the prompt; "
                                    "the LoRAs of lora_weights / extra_lora / more_loras apply to the detailer too")
     if not MODES[mode]:
+        if prompt is not None:  # a prompt for a pass that does not run: the caller meant something else
+            raise utils.InputError("detailer_prompt: used only by the detailer, which is off; set detailer to face, "
+                                   "hands or face_and_hands, or leave detailer_prompt empty")
         return None
     if int(steps * strength) < 1:
         raise utils.InputError(f"detailer_strength: with num_inference_steps={steps} a strength of {strength} runs no "

@@ -104,18 +104,35 @@ class Preprocessors:
         self.lines = lines.LineDetectors(self.weights_dir, device)  # softedge, lineart, lineart_anime
 
     def map(self, control_type: str, image: Image.Image, preprocess: bool) -> Image.Image:
-        """The map for `control_type`; with preprocess false the image already is the map."""
+        """The map for `control_type`; with preprocess false the image already is the map. A preprocessor that
+        fails on the image is an error naming control_image (missing weights stay a deployment error)."""
+        import utils
+
         if not preprocess:
             return image.convert("RGB")
+        run = self._runner(control_type)
+        try:
+            return run(image)
+        except (utils.InputError, utils.WeightsMissingError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the model's own errors, said in one line
+            raise utils.InputError(
+                f"control_image: the {control_type} preprocessor failed on this image ({type(err).__name__}: "
+                f"{str(err)[:200]}); pass the {control_type} map itself with control_preprocess=false") from err
+
+    def _runner(self, control_type: str) -> Callable[[Image.Image], Image.Image]:
+        """The preprocessor of `control_type` as a function of an image, its model loaded first if it has one."""
         if control_type == "depth":
-            return depth_map(*self.depth(), image)
+            model, processor = self.depth()
+            return lambda image: depth_map(model, processor, image)
         if control_type == "openpose":
             if self.pose_estimator is None:
                 self.pose_estimator = pose.PoseEstimator.load(self.weights_dir, self.device, self.dtype)
-            return pose.openpose_map(self.pose_estimator, image)
+            estimator = self.pose_estimator
+            return lambda image: pose.openpose_map(estimator, image)
         if control_type in lines.LINE_MODELS:
-            return self.lines.map(control_type, image)
-        return control_map(control_type, image, preprocess)
+            return lambda image: self.lines.map(control_type, image)
+        return lambda image: control_map(control_type, image, True)
 
     def depth(self) -> tuple:
         if self._depth is None:

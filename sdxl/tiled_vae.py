@@ -59,9 +59,10 @@ TILE_ABOVE_PIXELS = int(float(os.environ.get("VAE_TILE_ABOVE_PIXELS", 0)))  # 0:
 DECODE_BYTES_FACTOR = 6
 
 
-def should_tile(vae, size: tuple[int, int], device: torch.device, encode: bool = False) -> bool:
-    """Whether `size` (width, height) is decoded (or encoded) in tiles: on CUDA when the estimate of one pass does
-    not fit in free memory; anywhere above TILE_ABOVE_PIXELS when that is set."""
+def should_tile(vae, size: tuple[int, int], device: torch.device, encode: bool = False, batch: int = 1) -> bool:
+    """Whether `size` (width, height) is decoded (or encoded) in tiles: on CUDA when the estimate of one pass over
+    `batch` images (the pipeline decodes a request's images at once) does not fit in free memory; anywhere above
+    TILE_ABOVE_PIXELS when that is set."""
     width, height = size
     if TILE_ABOVE_PIXELS and width * height > TILE_ABOVE_PIXELS:
         return True
@@ -69,7 +70,7 @@ def should_tile(vae, size: tuple[int, int], device: torch.device, encode: bool =
         return False
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the caching allocator's own
-    return estimate_bytes(vae, size) > free
+    return estimate_bytes(vae, size) * batch > free
 
 
 def estimate_bytes(vae, size: tuple[int, int]) -> int:

@@ -338,6 +338,7 @@ def check(**overrides) -> predict.Request:
     (dict(detailer_mode="hands", detailer_prompt="hands, <lora:fix:1>"), "detailer_prompt: A1111 LoRA tags like "
                                                                          "<lora:fix:1>"),
     (dict(detailer_mode="face", detailer_prompt="x" * 10_001), "detailer_prompt: too long"),
+    (dict(detailer_prompt="detailed face"), "detailer_prompt: used only by the detailer, which is off"),
     # 9 000 emoji are 36 KB of UTF-16: once fits JPEG's EXIF, twice (face and hands units) does not.
     (dict(detailer_mode="face_and_hands", detailer_prompt="\U0001F642" * 9000, output_format="jpg"),
      "detailer_prompt: with output_format 'jpg' the generation parameters are written to EXIF"),

@@ -221,3 +221,14 @@ def test_download_weights_lays_out_and_checks_the_pinned_pose_models(tiny_weight
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert script.main(["--dest", str(dest), "--check", *only]) == 1
+
+
+def test_a_preprocessor_that_fails_on_the_image_is_an_error_naming_control_image():
+    def broken(image: Image.Image) -> np.ndarray:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    preprocessors = preprocess.Preprocessors(Path("/nonexistent"), torch.device("cpu"), torch.float32)
+    preprocessors.pose_estimator = broken
+    with pytest.raises(utils.InputError, match=r"^control_image: the openpose preprocessor failed on this image "
+                                               r"\(RuntimeError: CUDA error.*control_preprocess=false"):
+        preprocessors.map("openpose", stick_figure((64, 64)), True)
