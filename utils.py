@@ -682,8 +682,10 @@ def a1111_parameters(prompt: str, negative_prompt: str, settings: dict[str, obje
         if value is None or value == "":
             continue
         text = str(value)
-        if any(c in text for c in ',:"'):
-            text = '"' + text.replace('"', "'") + '"'  # A1111 quotes values that contain separators
+        if any(c in text for c in ',:"\n'):
+            # A1111 quotes values that contain separators; a newline would end the one-line settings, so it is
+            # written as the two characters \n, as A1111's JSON quoting writes it.
+            text = '"' + text.replace('"', "'").replace("\n", "\\n") + '"'
         pairs.append(f"{key}: {text}")
     lines.append(", ".join(pairs))
     return "\n".join(lines)

@@ -188,7 +188,12 @@ def test_infotext_has_the_adetailer_extensions_keys():
     assert hands.prompt is None and detailer.unit_prompt(hands, "1girl") == "1girl"
     assert detailer.infotext(hands)["ADetailer model"] == "hand_detect_v1.0_s.onnx"
     assert "ADetailer prompt" not in detailer.infotext(hands) and "ADetailer model 2nd" not in detailer.infotext(hands)
-    assert detailer.check_detailer("off", 0.9, "anything", steps=20) is None
+    assert detailer.check_detailer("off", 0.9, None, steps=20) is None
+    # A prompt over two lines stays inside its quoted value: the settings line of the infotext is one line.
+    text = utils.a1111_parameters("1girl", "", detailer.infotext(detailer.check_detailer(
+        "face", 0.4, "detailed eyes,\nsmile", steps=20)))
+    assert text.splitlines()[1].startswith("ADetailer model: face_detect_v1.4_s.onnx, ADetailer prompt: "
+                                           '"detailed eyes,\\nsmile", ADetailer confidence: 0.3')
 
 
 # --- The tiny ONNX detectors --------------------------------------------------------------------------------------
