@@ -1154,8 +1154,19 @@ class Predictor(BasePredictor):
         with vae.swapped(model, user_vae):
             return detailer.run(images, seed, units, painter, native)
 
-    @staticmethod
-    def hires_fix(request: Request, model: utils.LoadedModel, pipe, kwargs: dict,
+    def control_run_at(self, run: Optional[control.ControlRun], size: tuple[int, int]) -> Optional[control.ControlRun]:
+        """`run` with its map made again at `size` (the hires pass), as A1111's "Hr Option: Both" does: the control
+        image fitted to that size and preprocessed there, not the first pass's map enlarged."""
+        if run is None or run.map.size == tuple(size):
+            return run
+        unit = run.request
+        phase = time.perf_counter()
+        image = control.crop_and_resize(unit.source or unit.image, size)
+        control_map = self.preprocessors.map(unit.type, image, unit.preprocess)
+        logger.info("control map %s at %dx%d (hires pass) in %.3fs", unit.type, *size, time.perf_counter() - phase)
+        return dataclasses.replace(run, map=control_map)
+
+    def hires_fix(self, request: Request, model: utils.LoadedModel, pipe, kwargs: dict,
                   run: Optional[control.ControlRun] = None, upscaler: Optional[upscale.Upscaler] = None) -> list:
         """A1111's hires fix: first pass, upscale (latents, or pixels with Lanczos or a model upscaler), then an
         img2img pass at the final size; its VAE encode and decode run in tiles when the size needs it
@@ -1163,7 +1174,8 @@ class Predictor(BasePredictor):
         phase = time.perf_counter()
         latent = request.hires_upscaler == "latent"
         first = pipe(**kwargs, output_type="latent" if latent else "pil").images
-        refine = control.pipeline(model, "img2img", request.go_fast, run, request.hires_size)
+        refine = control.pipeline(model, "img2img", request.go_fast, self.control_run_at(run, request.hires_size),
+                                  request.hires_size)
         tiled = tiled_vae.should_tile(refine.vae, request.hires_size, refine._execution_device,
                                       batch=request.num_outputs)
         upscaled = utils.hires_upscale(first, request.hires_upscaler, request.hires_size, upscaler)

@@ -97,6 +97,7 @@ class ControlRequest:
     strength: float
     start: float
     end: float
+    source: Optional[Image.Image] = None  # RGB at its own size: the hires pass fits and preprocesses it again
 
 
 def check_control(image_path, control_type: str, preprocess: bool, strength: float, start: float, end: float,
@@ -119,7 +120,7 @@ def check_control(image_path, control_type: str, preprocess: bool, strength: flo
     if strength == 0.0 or end <= start:
         return None
     return ControlRequest(image=crop_and_resize(rgb, size), type=control_type, preprocess=bool(preprocess),
-                          strength=float(strength), start=float(start), end=float(end))
+                          source=rgb, strength=float(strength), start=float(start), end=float(end))
 
 
 def crop_and_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -604,7 +605,8 @@ def pipeline(model, mode: str, fast: bool, run: Optional[ControlRun], size: tupl
 
 
 def control_step(run: ControlRun, size: tuple[int, int]) -> ControlStep:
-    """The loop's control at `size` (the hires fix's second pass gets the map resized to its size)."""
+    """The loop's control at `size`; a map of another size is fitted to it (Predictor.control_run_at makes the hires
+    pass's map at its own size first, so this only matters for callers that do not)."""
     control_map = run.map if run.map.size == tuple(size) else crop_and_resize(run.map, size)
     request = run.request
     return ControlStep(map=control_map, mode=CONTROL_TYPES[request.type].mode, strength=request.strength,

@@ -452,3 +452,17 @@ def test_every_control_type_through_the_cog_server_with_preprocessing_on_and_off
             text = Image.open(io.BytesIO(payload)).info["parameters"]
             module = spec.module if preprocess else "none"
             assert f'ControlNet 0: "Module: {module}, Model: controlnet-union-sdxl-1.0-promax [' in text, text
+
+
+def test_the_hires_pass_gets_its_map_made_at_its_own_size(predictor):
+    """As A1111's "Hr Option: Both": the control image is fitted to the hires size and preprocessed there, not the
+    first pass's map enlarged."""
+    from cog_server import data_uri
+
+    source = drawn_image((200, 300))
+    predictor.predict(**predict_inputs(prompt="1girl", aspect_ratio="custom", width=256, height=256,
+                                       num_inference_steps=2, hires_scale=1.5, hires_steps=2, output_format="png",
+                                       seed=4, control_image=data_uri(source)))
+    step = predictor.models.models["illustrious"].runs[("control", "img2img")].unet.step
+    expected = preprocess.canny(control.crop_and_resize(source, (384, 384)))
+    assert step.map.size == (384, 384) and np.array_equal(np.asarray(step.map), np.asarray(expected))
