@@ -228,7 +228,7 @@ def plain(predictor):
 
 
 def test_off_and_no_detection_give_the_plain_image_bit_for_bit(predictor, plain, monkeypatch):
-    off, text = run(predictor, detailer="off", detailer_strength=0.9, detailer_prompt="smile")
+    off, text = run(predictor, detailer="off", detailer_strength=0.9)  # (a detailer_prompt with it is an error)
     assert np.array_equal(off, plain[0]) and "ADetailer" not in text
     nothing = FixedBoxes([])
     found_none, text = run(predictor, monkeypatch, {"face": nothing}, detailer="face")
