@@ -1,7 +1,8 @@
 """Cog surface of the SDXL / Illustrious XL LoRA model: inputs, validation and orchestration only.
 
-The model side (loading, sizes, schedulers, safety, saving) is in utils.py, LoRA sources in weights.py, LoRA
-merging in sdxl/lora.py and prompt encoding in sdxl/prompts.py.
+The model side (loading, sizes, schedulers, safety, saving) is in utils.py, weights files (LoRAs, checkpoints,
+embeddings, VAEs, ControlNets, upscalers) in weights.py, and each model-side capability in a module of the sdxl/
+package (README, "Architecture").
 """
 
 from __future__ import annotations
@@ -20,20 +21,11 @@ from typing import Optional
 import torch
 from cog import BasePredictor, Input, Path, Secret
 
-from sdxl import control
-from sdxl import detailer
-from sdxl import embeddings
-from sdxl import lora
-from sdxl import preprocess
-from sdxl import prompts
-from sdxl import reference
-from sdxl import stepcache
-from sdxl import tiled_vae
-from sdxl import upscale
-from sdxl.progress import Progress
 import utils
-from sdxl import vae
 import weights
+from sdxl import (control, detailer, embeddings, lora, preprocess, prompts, reference, stepcache, tiled_vae, upscale,
+                  vae)
+from sdxl.progress import Progress
 
 logger = logging.getLogger("predict")
 
