@@ -11,12 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdxl import control
 import predict
-from sdxl import preprocess
-from sdxl import prompts
 import utils
 from conftest import predict_inputs
+from sdxl import control, preprocess, prompts
 from test_graphs import rerun_capture, use_graphs
 
 SIZE = (64, 64)

@@ -23,11 +23,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxl import lora
 import predict
-from sdxl import prompts
 import utils
 from conftest import predict_inputs
+from sdxl import lora, prompts
 from sdxl.lora import LoraError, LoraMerger, LoraRequest
 from sdxl.prompts import PromptError, parse_prompt_attention
 

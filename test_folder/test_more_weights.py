@@ -14,13 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save, save_file
 
-from sdxl import embeddings
 import predict
-from sdxl import prompts
 import utils
-from sdxl import vae as user_vae
 import weights
 from conftest import predict_inputs
+from sdxl import embeddings, prompts
+from sdxl import vae as user_vae
 from ldm_checkpoint import convert_vae
 from lora_fixtures import write_diffusers_lora, write_kohya_lora, write_locon_lora
 from test_lora_formats import assert_merged, snapshot
