@@ -848,10 +848,12 @@ class Predictor(BasePredictor):
             return None
         if request.upscaler is None:
             return self.upscalers.baked()
-        file = self.cache("upscaler").fetch(request.upscaler, tokens, input_name="upscaler_model")
+        cache = self.cache("upscaler")
+        file = cache.fetch(request.upscaler, tokens, input_name="upscaler_model")
         try:
             return self.upscalers.user(file)
         except upscale.UpscalerError as err:
+            cache.discard(file.ref)  # as for control_model: a file that does not load is not kept
             raise utils.InputError(str(err)) from err
 
     def fetch_control_model(self, request: Request, tokens: weights.Tokens) -> Optional[control.UserControlNet]:
@@ -860,9 +862,17 @@ class Predictor(BasePredictor):
         if request.control_model is None:
             return None
         phase = time.perf_counter()
-        file = self.cache("ControlNet").fetch(request.control_model, tokens, input_name="control_model")
+        cache = self.cache("ControlNet")
+        file = cache.fetch(request.control_model, tokens, input_name="control_model")
         unet_config = self.models.models[request.spec.key].txt2img.unet.config
-        loaded = self.controlnets.user(file, unet_config, request.control.type)
+        try:
+            loaded = self.controlnets.user(file, unet_config, request.control.type)
+        except utils.UnloadableFileError:
+            # Passed the download's key check but does not load (a partial file, say): not kept, so the next
+            # request fetches it again rather than failing on the cached file. (A ControlNet that loads but does not
+            # fit this base model or control_type stays: it may fit another request.)
+            cache.discard(file.ref)
+            raise
         logger.info("control_model %s ready in %.2fs", file.ref.display, time.perf_counter() - phase)
         return loaded
 

@@ -99,6 +99,10 @@ class InputError(ValueError):
     """A user input that cannot be used; the message names the input, what was expected and what came."""
 
 
+class UnloadableFileError(InputError):
+    """A fetched weights file that passed the download's checks but does not load: its cache entry is dropped."""
+
+
 def preset_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
     width, height = ASPECT_RATIOS[aspect_ratio]
     if MEGAPIXELS[megapixels] == 0.25:

@@ -2591,6 +2591,18 @@ class LoraCache:
                     if self._pins[key] <= 0:
                         self._pins.pop(key, None)
 
+    def discard(self, ref: WeightsRef) -> None:
+        """Remove the entry of `ref` (fetched by this prediction and found unusable when loaded: a file that passed
+        the key check but does not load), unless another prediction of this process also holds it."""
+        with self._lock:
+            key = self._aliases.get(ref.canonical_id, ref.canonical_id)
+            entry = self._index.get(key)
+            if entry is None or self._pins[key] > 1:
+                return
+            logger.info("lora cache: removing %s, which did not load", entry.meta.get("display", entry.folder.name))
+            self._index.pop(key, None)
+            self._remove_folder(entry.folder)
+
     def clear(self) -> None:
         """Remove every unpinned entry."""
         with self._lock:

@@ -247,6 +247,12 @@ def _input_error(display: str, what: str):
     return utils.InputError(f"{INPUT}: {display} {what}")
 
 
+def _unloadable(display: str, what: str):
+    import utils
+
+    return utils.UnloadableFileError(f"{INPUT}: {display} {what}")
+
+
 def check_fits(fields: dict, unet_config: Any, display: str) -> None:
     """The ControlNet's residuals fit the base model's UNet: else an error naming control_model."""
     def norm(value):
@@ -314,7 +320,7 @@ def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union
     read from the names."""
     def shape(key: str) -> tuple:
         if key not in shapes:
-            raise _input_error(display, f"does not load as an SDXL ControlNet (expected a tensor {key!r}; got none)")
+            raise _unloadable(display, f"does not load as an SDXL ControlNet (expected a tensor {key!r}; got none)")
         return shapes[key]
 
     def indices(pattern: str) -> list[int]:
@@ -323,7 +329,7 @@ def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union
 
     blocks = indices(r"down_blocks\.(\d+)\.")
     if not blocks:
-        raise _input_error(display, "does not load as an SDXL ControlNet (expected down_blocks.*; got none)")
+        raise _unloadable(display, "does not load as an SDXL ControlNet (expected down_blocks.*; got none)")
     # A block has attention when it has an attentions module, even of 0 transformer layers (diffusers' -mid models).
     attention = [any(k.startswith(f"down_blocks.{b}.attentions.") for k in shapes) for b in blocks]
     depth = [len(indices(rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in blocks]
@@ -351,7 +357,7 @@ def derive_config(shapes: dict[str, tuple], unet_config: Any, given: dict, union
     }
     union = "task_embedding" in shapes
     if (mid_attention or union) and mid_depth != depth[-1]:
-        raise _input_error(display, f"does not load as an SDXL ControlNet (expected a mid block of {depth[-1]} "
+        raise _unloadable(display, f"does not load as an SDXL ControlNet (expected a mid block of {depth[-1]} "
                                     f"transformer layers, as its last down block; got {mid_depth})")
     if not union:
         config["mid_block_type"] = "UNetMidBlock2DCrossAttn" if mid_attention else "UNetMidBlock2D"
@@ -405,11 +411,11 @@ def load_user_controlnet(file, key: str, unet_config: Any, union_defaults: dict,
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         unexpected += sorted(set(header) - {"__metadata__"} - set(names.values()))  # names no converter knows
     except Exception as err:  # noqa: BLE001 - a config or shape that does not fit, whatever diffusers raises
-        raise _input_error(display, f"does not load as an SDXL ControlNet ({type(err).__name__}: "
+        raise _unloadable(display, f"does not load as an SDXL ControlNet ({type(err).__name__}: "
                                     f"{str(err)[:200]})") from err
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if missing or unexpected or left:
-        raise _input_error(display, f"does not load as an SDXL ControlNet (expected the weights of a {cls.__name__}; "
+        raise _unloadable(display, f"does not load as an SDXL ControlNet (expected the weights of a {cls.__name__}; "
                                     f"got {len(missing or left)} missing, e.g. {(missing or left or [''])[0]!r}, and "
                                     f"{len(unexpected)} unexpected, e.g. {(unexpected or [''])[0]!r})")
     # eval() only: requires_grad stays as from_pretrained leaves it, since it steers PyTorch's choice of matmul

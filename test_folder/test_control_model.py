@@ -319,13 +319,13 @@ REFUSED = [  # (control_model, the message after "control_model: ", refused at d
 @pytest.mark.parametrize("ref, says, at_download", REFUSED, ids=[r[0].split("/")[-1][:20] for r in REFUSED])
 def test_controlnets_for_other_bases_and_other_files_are_refused_naming_control_model(predictor, cn, ref, says,
                                                                                        at_download):
-    ref = cn.url.get(ref, ref)
+    name, ref = ref, cn.url.get(ref, ref)
     before = dict(cn.cache.stats)
     with pytest.raises((weights.WeightsError, utils.InputError)) as caught:
         image(predictor, control_image=cn.map, control_model=ref, control_type="tile")
     assert re.match(rf"control_model: .*{says}", str(caught.value)), str(caught.value)
     assert list((cn.cache.root / "tmp").iterdir()) == []
-    if at_download:
+    if at_download or name == "partial":  # a file that does not load is dropped from the cache again
         assert cn.cache.stats["entries"] == before["entries"] and cn.cache.stats["bytes"] == before["bytes"]
 
 
