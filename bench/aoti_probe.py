@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compile_probe import timed  # noqa: E402
 from full_size_weights import SDXL_UNET_CONFIG  # noqa: E402
 
 T0 = time.perf_counter()
@@ -74,17 +74,8 @@ def inputs(seed: int, batch: int = 2, size: int | None = None) -> tuple:
 
 
 def med_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return round(statistics.median(times), 2)
+    """Median CUDA-event milliseconds of `reps` calls after a warm-up (compile_probe's timing)."""
+    return round(timed(fn, reps), 2)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
