@@ -7,12 +7,14 @@ package (README, "Architecture").
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path as FsPath
@@ -104,6 +106,12 @@ class Request:
     reference: Optional[reference.ReferenceRequest] = None  # an IP-Adapter reference (sdxl/reference.py)
     upscaler: Optional[weights.WeightsRef] = None  # `upscaler_model`: the hires fix's model upscaler instead of the baked one
     detailer: Optional[detailer.DetailerRequest] = None  # the face/hand detailer (sdxl/detailer.py); None: off
+
+    @property
+    def guided_images(self) -> Optional[int]:
+        """Rows per half of a go_fast loop's guided batch (its guidance stops late in the schedule,
+        sdxl/stepcache.py); None where nothing is cut: exact mode, or no classifier-free guidance (scale <= 1)."""
+        return self.num_outputs if self.go_fast and self.guidance > 1.0 else None
 
 
 def check_inputs(
@@ -767,28 +775,43 @@ class Predictor(BasePredictor):
                                       upscaler.title if upscaler else None)
                       if request.embed_metadata else None)
 
-        if request.safety_checker:
-            phase = time.perf_counter()
-            flags = utils.nsfw_flags(self.models, images)
-            images = utils.drop_flagged(images, flags)
-            parameters = utils.drop_flagged(parameters, flags) if parameters else None
-            logger.info("safety checker: %d of %d flagged in %.3fs", sum(flags), len(flags), time.perf_counter() - phase)
+        # The files are written while the safety checker runs (encoders on CPU threads, the checker mostly on the
+        # accelerator); a flagged image's file is deleted before anything is returned.
+        phase = time.perf_counter()
+        out_dir = FsPath(tempfile.mkdtemp(prefix="predict-"))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                saving = pool.submit(utils.save_images, images, out_dir, request.output_format,
+                                     request.output_quality, parameters)
+                try:
+                    flags = self.safety_flags(request, images)
+                finally:
+                    paths = saving.result()
+            paths = utils.keep_unflagged(paths, flags)
             if sum(flags):
                 print(f"{sum(flags)} of {len(flags)} images were flagged by the safety checker and removed")
-            if not images:
+            if not paths:
                 raise RuntimeError(
                     "All generated images were flagged as NSFW by the safety checker. Try a different prompt or "
                     "seed, or set disable_safety_checker (API only)."
                 )
-
-        phase = time.perf_counter()
-        out_dir = FsPath(tempfile.mkdtemp(prefix="predict-"))
-        paths = utils.save_images(images, out_dir, request.output_format, request.output_quality, parameters)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing of a failed prediction stays on disk
+            raise
         logger.info("saved %d %s images in %.3fs", len(paths), request.output_format, time.perf_counter() - phase)
         self.record_metric("num_outputs", len(paths))
         self.record_metric("total_inference_steps", request.steps * request.num_outputs)
         logger.info("prediction done in %.2fs", time.perf_counter() - started)
         return [Path(p) for p in paths]
+
+    def safety_flags(self, request: Request, images: list) -> list[bool]:
+        """Which images the safety checker flags (none when it is off for the request)."""
+        if not request.safety_checker:
+            return [False] * len(images)
+        phase = time.perf_counter()
+        flags = utils.nsfw_flags(self.models, images)
+        logger.info("safety checker: %d of %d flagged in %.3fs", sum(flags), len(flags), time.perf_counter() - phase)
+        return flags
 
     def cache(self, kind: str) -> weights.LoraCache:
         """The cache for files of `kind` (a weights.KINDS key), created on first use."""
@@ -1007,6 +1030,8 @@ class Predictor(BasePredictor):
                 "VAE hash": vae_file.sha256[:10] if vae_file else None,
                 "VAE": vae_file.ref.display if vae_file else None,
                 "Step cache interval": stepcache.DEFAULT_INTERVAL if request.go_fast else None,
+                "Guidance cutoff timestep": (stepcache.GUIDANCE_CUTOFF_TIMESTEP if request.guided_images is not None
+                                             else None),
                 **(extra or {}),
                 "Version": "sdxl-lora-cog",
             }
@@ -1057,7 +1082,8 @@ class Predictor(BasePredictor):
         phase = time.perf_counter()
         model = self.models.models[request.spec.key]
         run = self.control_run(request, user_controlnet)
-        pipe = control.pipeline(model, request.mode, request.go_fast, run, (request.width, request.height))
+        pipe = control.pipeline(model, request.mode, request.go_fast, run, (request.width, request.height),
+                                guided_images=request.guided_images)
         pipe.scheduler = utils.make_scheduler(request.scheduler, model.scheduler_config)
         merger = self.mergers[request.spec.key]
         # Encoded with the txt2img pipeline: it holds the tokenizers that LoRA PTI tokens were added to. Embedding
@@ -1177,7 +1203,7 @@ class Predictor(BasePredictor):
         latent = request.hires_upscaler == "latent"
         first = pipe(**kwargs, output_type="latent" if latent else "pil").images
         refine = control.pipeline(model, "img2img", request.go_fast, self.control_run_at(run, request.hires_size),
-                                  request.hires_size)
+                                  request.hires_size, guided_images=request.guided_images)
         tiled = tiled_vae.should_tile(refine.vae, request.hires_size, refine._execution_device,
                                       batch=request.num_outputs)
         upscaled = utils.hires_upscale(first, request.hires_upscaler, request.hires_size, upscaler)

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from PIL import Image, ImageOps
 
@@ -253,6 +253,10 @@ def make_scheduler(name: str, base_config):
 
     class_name, overrides = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
+    if cls is diffusers.EulerAncestralDiscreteScheduler:
+        from sdxl.samplers import EulerAncestral  # the same steps without a GPU stall per step
+
+        cls = EulerAncestral
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
         supported = [n for n, (c, _) in SCHEDULERS.items()
                      if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c)).parameters]
@@ -362,8 +366,10 @@ class LoadedModel:
     runs: dict = field(default_factory=dict)
     runner: object = None  # the graphs.GraphRunner shared by this model's stand-ins
 
-    def pipeline(self, mode: str, fast: bool = False):
-        """The pipeline that runs `mode` (fast=True: its step-cached twin), ready for a new denoising loop."""
+    def pipeline(self, mode: str, fast: bool = False, guided_images: Optional[int] = None):
+        """The pipeline that runs `mode` (fast=True: its step-cached twin), ready for a new denoising loop.
+        guided_images (fast only): the loop guides 2 x guided_images rows, and go_fast stops that guidance late in
+        the schedule (stepcache.GUIDANCE_CUTOFF_TIMESTEP)."""
         exact = {"txt2img": self.txt2img, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
         if not fast and self.graph_capture is None:
             return exact
@@ -383,7 +389,10 @@ class LoadedModel:
             twin.set_progress_bar_config(disable=True)
             self.runs[(mode, fast)] = twin
         twin = self.runs[(mode, fast)]
-        twin.unet.begin()
+        if fast:
+            twin.unet.begin(guided_images)
+        else:
+            twin.unet.begin()
         return twin
 
     def drop_graphs(self) -> None:
@@ -667,11 +676,6 @@ def nsfw_flags(models: Models, images: list[Image.Image]) -> list[bool]:
     return [bool(flag) for flag in flags]
 
 
-def drop_flagged(images: list[Image.Image], flags: list[bool]) -> list[Image.Image]:
-    """Flagged images are removed, never returned as they are; an empty result is the caller's error to raise."""
-    return [image for image, flagged in zip(images, flags) if not flagged]
-
-
 # --- Generation parameters in the files (A1111 "parameters", read by A1111's PNG Info and CivitAI) ----------------
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 
@@ -788,17 +792,41 @@ def save_images(
     parameters: list[str] | None = None,
 ) -> list[Path]:
     """Write out-{i}.{ext} (with image i's A1111 parameters when given); each file is written under a temporary
-    name and renamed, so none is ever partial."""
+    name and renamed, so none is ever partial. Images are encoded in parallel (Pillow's encoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     pil_format, ext = OUTPUT_FORMATS[output_format]
-    paths = []
-    for i, image in enumerate(images):
+
+    def write(i: int) -> Path:
         path = out_dir / f"out-{i}.{ext}"
         tmp = out_dir / f".out-{i}.{ext}.partial"
         kwargs = dict(ENCODER_EFFORT[pil_format])
         if pil_format != "PNG":
             kwargs["quality"] = quality
         kwargs.update(_metadata_kwargs(pil_format, parameters[i] if parameters else None))
-        image.save(tmp, format=pil_format, **kwargs)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+        try:
+            images[i].save(tmp, format=pil_format, **kwargs)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    if len(images) <= 1:
+        return [write(i) for i in range(len(images))]
+    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(write, range(len(images))))
+
+
+def keep_unflagged(paths: list[Path], flags: list[bool]) -> list[Path]:
+    """Delete the files of flagged images and renumber the others out-0, out-1, ... in their order (save_images
+    wrote them before the safety checker had answered)."""
+    for path, flagged in zip(paths, flags):
+        if flagged:
+            path.unlink(missing_ok=True)
+    kept = []
+    for path in (p for p, flagged in zip(paths, flags) if not flagged):
+        target = path.with_name(f"out-{len(kept)}{path.suffix}")
+        if target != path:
+            os.replace(path, target)  # its old occupant was flagged (deleted) or moved down already
+        kept.append(target)
+    return kept

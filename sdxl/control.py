@@ -600,11 +600,12 @@ class ControlRun:
     label: str = ""  # a user ControlNet's (UserControlNet.label); "" for the baked model
 
 
-def pipeline(model, mode: str, fast: bool, run: Optional[ControlRun], size: tuple[int, int]):
-    """The pipeline that runs `mode` for a loop at `size`: `model`'s own (LoadedModel.pipeline) without control,
-    else its controlled twin, ready for a new denoising loop."""
+def pipeline(model, mode: str, fast: bool, run: Optional[ControlRun], size: tuple[int, int],
+             guided_images: Optional[int] = None):
+    """The pipeline that runs `mode` for a loop at `size`: `model`'s own (LoadedModel.pipeline; guided_images as
+    there) without control, else its controlled twin, ready for a new denoising loop."""
     if run is None:
-        return model.pipeline(mode, fast=fast)
+        return model.pipeline(mode, fast=fast, guided_images=guided_images)
     twin = controlled_pipeline(model, mode)
     twin.unet.begin(control_step(run, size))
     return twin

@@ -109,3 +109,78 @@ def test_go_fast_applies_loras_and_hires_fix(predictor, file_host, exact):
     assert Image.open(path).size == (384, 384)
     assert "Step cache interval: 3" in utils.read_parameters(path)
     assert np.array_equal(image(predictor), exact)  # LoRA out again, exact mode as before
+
+
+class BatchSizes:
+    """The batch size of every forward call of the real UNet (a forward pre-hook; removed on exit)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.sizes = module, []
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(
+            lambda _m, args, kwargs: self.sizes.append((args[0] if args else kwargs["sample"]).shape[0]),
+            with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_below_the_cutoff_the_guided_batch_runs_its_conditional_half_only(predictor):
+    unet = predictor.models.models["illustrious"].txt2img.unet
+    cached = stepcache.StepCachedUNet(unet, interval=1)
+    x = unet_inputs(unet, batch=2)
+    x["sample"] = torch.cat([x["sample"][1:]] * 2)  # the pipeline's guided batch: the same latents twice
+    cut = stepcache.GUIDANCE_CUTOFF_TIMESTEP
+    cond = {k: stepcache.conditional_half(v, 1) for k, v in x.items()}
+    with torch.no_grad(), BatchSizes(unet) as seen:
+        cached.begin(guided_images=1)
+        late = cached(**{**x, "timestep": torch.tensor(cut - 1.0)}).sample
+        alone = unet(**{**cond, "timestep": torch.tensor(cut - 1.0)}).sample  # the independent computation
+        early = cached(**{**x, "timestep": torch.tensor(float(cut))}).sample
+        guided = unet(**{**x, "timestep": torch.tensor(float(cut))}).sample
+    assert seen.sizes == [1, 1, 2, 2]
+    assert torch.equal(late[:1], alone) and torch.equal(late[1:], alone)  # both halves: the conditional prediction
+    assert torch.equal(early, guided)  # at and above the cutoff: guided as before
+    assert cached.unguided_calls == 1
+
+
+def test_go_fast_guidance_cutoff_equals_diffusers_cfg_cutoff_callback(predictor):
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    pipe = predictor.models.models["illustrious"].txt2img
+    steps = 9
+    pipe.scheduler.set_timesteps(steps)
+    first_unguided = int((pipe.scheduler.timesteps < stepcache.GUIDANCE_CUTOFF_TIMESTEP).nonzero()[0])
+    assert 0 < first_unguided < steps
+    cached = stepcache.StepCachedUNet(pipe.unet, interval=1)  # a full step every step: only the cutoff differs
+    twin = type(pipe).from_pipe(pipe, unet=cached)
+    common = dict(prompt="1girl, red hat", negative_prompt="lowres", num_inference_steps=steps, guidance_scale=5.0,
+                  width=256, height=192, output_type="latent")
+    with torch.no_grad(), BatchSizes(pipe.unet) as seen:
+        cached.begin(guided_images=1)
+        ours = twin(**common, generator=torch.Generator().manual_seed(3)).images
+    # diffusers' callback cuts guidance after the step it is called at: the step before the first unguided one.
+    theirs = pipe(**common, generator=torch.Generator().manual_seed(3),
+                  callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=first_unguided - 1)).images
+    plain = pipe(**common, generator=torch.Generator().manual_seed(3)).images
+    assert seen.sizes == [2] * first_unguided + [1] * (steps - first_unguided)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, plain)
+
+
+def test_go_fast_records_the_cutoff_and_cuts_only_guided_loops(predictor):
+    unet = predictor.models.models["illustrious"].txt2img.unet
+    (path,) = predictor.predict(**predict_inputs(**{**SMALL, "go_fast": True}))
+    assert f"Guidance cutoff timestep: {stepcache.GUIDANCE_CUTOFF_TIMESTEP}" in utils.read_parameters(path)
+    with BatchSizes(unet) as seen:
+        paths = predictor.predict(**predict_inputs(**{**SMALL, "go_fast": True, "num_outputs": 2}))
+    assert seen.sizes[0] == 4 and seen.sizes[-1] == 2  # two images: guided batch 4, then their conditional half
+    with BatchSizes(unet) as seen:
+        (path,) = predictor.predict(**predict_inputs(**{**SMALL, "go_fast": True, "guidance": 1.0}))
+    assert set(seen.sizes) == {1}  # no guidance to cut
+    assert "Guidance cutoff timestep" not in utils.read_parameters(path)
+    (path,) = predictor.predict(**predict_inputs(**SMALL))
+    assert "Guidance cutoff timestep" not in utils.read_parameters(path)
+    assert len(paths) == 2

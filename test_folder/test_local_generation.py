@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -114,9 +116,32 @@ def test_cpu_device_runs_in_float32():
     assert (device.type, dtype) == ("cpu", torch.float32)
 
 
-def test_drop_flagged_keeps_only_clean_images():
-    images = [Image.new("RGB", (8, 8), c) for c in ((1, 1, 1), (2, 2, 2), (3, 3, 3))]
-    assert utils.drop_flagged(images, [False, True, False]) == [images[0], images[2]]
+def test_keep_unflagged_deletes_flagged_files_and_renumbers_the_rest(tmp_path):
+    images = [Image.new("RGB", (8, 8), (c, c, c)) for c in (10, 20, 30, 40)]
+    paths = utils.save_images(images, tmp_path, "png", 100)
+    kept = utils.keep_unflagged(paths, [True, False, True, False])
+    assert [p.name for p in kept] == ["out-0.png", "out-1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.png", "out-1.png"]
+    assert [Image.open(p).getpixel((0, 0)) for p in kept] == [(20, 20, 20), (40, 40, 40)]
+
+
+def test_flagged_images_are_removed_and_the_others_keep_their_seeds(predictor, monkeypatch, tmp_path):
+
+    small = dict(aspect_ratio="custom", width=256, height=256, num_inference_steps=2, output_format="png",
+                 prompt="a cat", seed=5, num_outputs=3)
+    plain = [np.asarray(Image.open(p)) for p in predictor.predict(**predict_inputs(**small))]
+    monkeypatch.setattr(utils, "nsfw_flags", lambda models, images: [False, True, False])
+    paths = predictor.predict(**predict_inputs(**small))
+    assert [p.name for p in paths] == ["out-0.png", "out-1.png"]
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["out-0.png", "out-1.png"]  # nothing partial
+    assert np.array_equal(np.asarray(Image.open(paths[0])), plain[0])
+    assert np.array_equal(np.asarray(Image.open(paths[1])), plain[2])
+    assert "Seed: 7," in utils.read_parameters(paths[1])
+    monkeypatch.setattr(utils, "nsfw_flags", lambda models, images: [True] * len(images))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match="flagged as NSFW"):
+        predictor.predict(**predict_inputs(**small))
+    assert list(tmp_path.iterdir()) == []  # the written files went with the failed prediction
 
 
 def test_low_prompt_strength_stays_closer_to_the_input(predictor, tmp_path):

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -133,3 +134,41 @@ def test_v_prediction_checkpoints_sample_as_v_prediction(vpred_predictor, predic
 def test_v_prediction_refuses_schedulers_without_zero_snr(vpred_predictor):
     with pytest.raises(utils.InputError, match="scheduler: this model is zero-terminal-SNR v-prediction"):
         run_paths(vpred_predictor, prompt="a cat", seed=1, scheduler="Heun")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("images", [1, 2])
+def test_our_euler_a_steps_bit_for_bit_like_diffusers(prediction_type, images):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from sdxl.samplers import EulerAncestral
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+                  steps_offset=1, prediction_type=prediction_type)
+    ours, theirs = EulerAncestral(**config), EulerAncestralDiscreteScheduler(**config)
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(8)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(images, 4, 16, 12, generator=g, dtype=torch.bfloat16)
+    outputs = [torch.randn(images, 4, 16, 12, generator=g, dtype=torch.bfloat16) for _ in ours.timesteps]
+    seeds = [torch.Generator().manual_seed(40 + i) for i in range(images)]
+    mirror = [torch.Generator().manual_seed(40 + i) for i in range(images)]
+    a = b = sample
+    for t, out in zip(ours.timesteps, outputs):
+        step_a = ours.step(out, t, a, generator=seeds if images > 1 else seeds[0])
+        step_b = theirs.step(out, t, b, generator=mirror if images > 1 else mirror[0])
+        assert torch.equal(step_a.pred_original_sample, step_b.pred_original_sample)
+        a, b = step_a.prev_sample, step_b.prev_sample
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert not torch.equal(a, sample)
+
+
+def test_euler_a_is_ours_and_other_samplers_are_diffusers(predictor):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from sdxl.samplers import EulerAncestral
+
+    config = predictor.models.models["illustrious"].scheduler_config
+    assert type(utils.make_scheduler("Euler a", config)) is EulerAncestral
+    assert isinstance(utils.make_scheduler("Euler a", config), EulerAncestralDiscreteScheduler)
+    assert type(utils.make_scheduler("Euler", config)).__module__.startswith("diffusers.")
