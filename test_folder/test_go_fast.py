@@ -184,3 +184,23 @@ def test_go_fast_records_the_cutoff_and_cuts_only_guided_loops(predictor):
     (path,) = predictor.predict(**predict_inputs(**SMALL))
     assert "Guidance cutoff timestep" not in utils.read_parameters(path)
     assert len(paths) == 2
+
+
+def test_go_fast_with_a_reference_cuts_the_image_embeddings_too_and_graphs_replay_it(predictor):
+    from cog_server import data_uri
+    from test_control import drawn_image
+    from test_graphs import rerun_capture, use_graphs
+
+    unet = predictor.models.models["illustrious"].txt2img.unet
+    inputs = {**SMALL, "go_fast": True, "reference_image": data_uri(drawn_image((48, 64)))}
+    with BatchSizes(unet) as seen:
+        (path,) = predictor.predict(**predict_inputs(**inputs))
+    eager = np.asarray(Image.open(path).convert("RGB"))
+    assert seen.sizes[0] == 2 and seen.sizes[-1] == 1  # guided, then the conditional half with its image embeds
+    assert not np.array_equal(eager, image(predictor, go_fast=True))  # the reference acts in the cut steps too
+    use_graphs(predictor, rerun_capture)
+    try:
+        (path,) = predictor.predict(**predict_inputs(**inputs))
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), eager)
+    finally:
+        use_graphs(predictor, None)
