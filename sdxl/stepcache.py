@@ -85,7 +85,8 @@ class StepCachedUNet(UNetStandIn):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True,
                 **kwargs: Any):
         n = self.guided_images
-        # One host read of the timestep per step: the graphs replay asynchronously, so this costs microseconds.
+        # A host read of the timestep each step: it waits for the GPU (the measured go_fast figure includes that
+        # stall; reading the loop's schedule once would avoid it, bench/NOTES.md session 7).
         unguided = (n is not None and sample.shape[0] == 2 * n
                     and first_timestep(timestep) < GUIDANCE_CUTOFF_TIMESTEP)
         if unguided:
